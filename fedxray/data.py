@@ -1,0 +1,442 @@
+"""The NIH ChestX-ray14 data layer: metadata in any CSV flavour, the image index, the patient split,
+and the PyTorch dataset."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+# Order of the ChestX-ray14 paper and of most published AUROC tables.
+LABELS: tuple[str, ...] = (
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+)
+NO_FINDING = "No Finding"
+CSV_GLOB = "Data_Entry_2017*.csv"
+CSV_NAMES = ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv")
+TRAIN_VAL_LIST = "train_val_list.txt"
+TEST_LIST = "test_list.txt"
+KAGGLE_INPUT = Path("/kaggle/input")
+
+# ImageNet statistics, what torchvision's pretrained ResNet weights expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# CSV header (stripped, lower-case) -> our column. Several headers may map to one column.
+_COLUMNS = {
+    "image index": "image",
+    "finding labels": "finding_labels",
+    "follow-up #": "follow_up",
+    "patient id": "patient_id",
+    "patient age": "age",
+    "patient gender": "sex",
+    "patient sex": "sex",
+    "view position": "view",
+}
+_REQUIRED = ("image", "finding_labels", "patient_id", "age", "sex", "view")
+_HEADER_FOR = {"image": "Image Index", "finding_labels": "Finding Labels", "patient_id": "Patient ID",
+               "age": "Patient Age", "sex": "Patient Gender (or Patient Sex)", "view": "View Position"}
+_AGE_UNITS = {"Y": 1.0, "M": 1.0 / 12.0, "W": 7.0 / 365.25, "D": 1.0 / 365.25}
+MAX_PLAUSIBLE_AGE = 120.0
+
+
+class DataError(ValueError):
+    """Raised for data that cannot be used as given; the message names the file and what to do."""
+
+
+# --------------------------------------------------------------------------- metadata
+
+def read_metadata(csv_path: str | os.PathLike) -> pd.DataFrame:
+    """Read any flavour of Data_Entry_2017*.csv into one row per image.
+
+    Columns: image, patient_id (int), view, age (years, float; NaN when implausible), sex,
+    follow_up (int or -1), then one uint8 column per name in LABELS. The table's
+    ``attrs["source"]`` holds the CSV path (used to find the split lists beside it).
+    """
+    path = Path(csv_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"NIH metadata CSV not found: {path}. Point data_dir (or csv_path) at the folder holding "
+            f"Data_Entry_2017.csv, or attach the NIH Chest X-rays dataset on Kaggle.")
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except pd.errors.EmptyDataError as e:
+        raise DataError(f"{path} is empty: expected the NIH Data_Entry_2017 CSV") from e
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not a readable CSV ({e})") from e
+
+    rename: dict[str, str] = {}
+    for col in raw.columns:
+        key = _COLUMNS.get(str(col).strip().lower())
+        if key is not None and key not in rename.values():
+            rename[col] = key
+    missing = [c for c in _REQUIRED if c not in rename.values()]
+    if missing:
+        names = ", ".join(repr(_HEADER_FOR[c]) for c in missing)
+        raise DataError(
+            f"{path}: missing column(s) {names}; found {list(map(str, raw.columns))}. "
+            f"Is this the NIH Data_Entry_2017 CSV?")
+    raw = raw.rename(columns=rename)
+    if len(raw) == 0:
+        raise DataError(f"{path} has a header but no rows")
+
+    out = pd.DataFrame({"image": raw["image"].str.strip()})
+    if (out["image"] == "").any():
+        rows = np.flatnonzero(out["image"] == "")[:5] + 2
+        raise DataError(f"{path}: empty 'Image Index' on line(s) {rows.tolist()}")
+    dup = out["image"].duplicated()
+    if dup.any():
+        raise DataError(f"{path}: {int(dup.sum())} duplicated image name(s), first "
+                        f"{out['image'][dup].iloc[0]!r}; each image must appear once")
+    out["patient_id"] = _parse_int(raw["patient_id"], path, "Patient ID")
+    out["view"] = raw["view"].str.strip().str.upper()
+    out["age"] = _parse_age(raw["age"], path)
+    out["sex"] = raw["sex"].str.strip().str.upper()
+    if "follow_up" in raw:
+        out["follow_up"] = _parse_int(raw["follow_up"], path, "Follow-up #")
+    else:
+        out["follow_up"] = -1
+    labels = parse_finding_labels(raw["finding_labels"], source=str(path))
+    for j, name in enumerate(LABELS):
+        out[name] = labels[:, j]
+    out.attrs["source"] = str(path.resolve())
+    return out
+
+
+def _parse_int(col: pd.Series, path: Path, header: str) -> pd.Series:
+    vals = pd.to_numeric(col.str.strip(), errors="coerce")
+    bad = vals.isna() | (vals != np.floor(vals))
+    if bad.any():
+        first = col[bad].iloc[0]
+        raise DataError(f"{path}: {int(bad.sum())} row(s) with a non-integer {header!r}, "
+                        f"first {first!r} on line {int(np.flatnonzero(bad)[0]) + 2}")
+    return vals.astype(np.int64)
+
+
+def _parse_age(col: pd.Series, path: Path) -> pd.Series:
+    """Ages as years. Accepts 58, 58.0 and the 2017 release's 058Y / 011M / 005D."""
+    text = col.str.strip().str.upper()
+    m = text.str.extract(r"^(\d+(?:\.\d+)?)\s*([YMWD]?)$")
+    bad = m[0].isna() & (text != "")
+    if bad.any():
+        raise DataError(f"{path}: {int(bad.sum())} unreadable 'Patient Age' value(s), first "
+                        f"{col[bad].iloc[0]!r}; expected 58 or 058Y/011M/005D")
+    unit = m[1].fillna("").replace("", "Y").map(_AGE_UNITS)
+    years = m[0].astype(float) * unit
+    implausible = years > MAX_PLAUSIBLE_AGE
+    if implausible.any():
+        log.warning("%s: %d age(s) above %d years (max %.0f) set to NaN; the rows are kept",
+                    path.name, int(implausible.sum()), MAX_PLAUSIBLE_AGE, years.max())
+        years[implausible] = np.nan
+    return years
+
+
+def parse_finding_labels(labels: Iterable[str], source: str = "metadata") -> np.ndarray:
+    """'A|B' strings -> uint8 matrix [n, 14] in LABELS order. 'No Finding' is all zeros.
+
+    Names are matched exactly; an unknown name raises an error naming it and its row count.
+    """
+    labels = pd.Series(list(labels), dtype=object).fillna("").astype(str)
+    uniq, inverse = np.unique(labels.to_numpy(), return_inverse=True)
+    position = {name: j for j, name in enumerate(LABELS)}
+    table = np.zeros((len(uniq), len(LABELS)), dtype=np.uint8)
+    unknown: dict[str, int] = {}
+    counts = np.bincount(inverse, minlength=len(uniq))
+    for i, text in enumerate(uniq):
+        names = [n.strip() for n in text.split("|")]
+        if names == [NO_FINDING]:
+            continue
+        for name in names:
+            j = position.get(name)
+            if j is None:
+                unknown[name] = unknown.get(name, 0) + int(counts[i])
+            else:
+                table[i, j] = 1
+    if unknown:
+        desc = ", ".join(f"{n!r} ({c} row{'s' if c != 1 else ''})" for n, c in sorted(unknown.items()))
+        raise DataError(
+            f"{source}: unknown finding name(s) in 'Finding Labels': {desc}. Known names: "
+            f"{', '.join(LABELS)} and {NO_FINDING!r} (exact spelling, joined with '|').")
+    return table[inverse]
+
+
+def label_matrix(frame: pd.DataFrame) -> np.ndarray:
+    """The float32 [n, 14] label matrix of a metadata table, aligned row for row."""
+    return frame.loc[:, list(LABELS)].to_numpy(dtype=np.float32, copy=True)
+
+
+# --------------------------------------------------------------------------- locating data
+
+def find_csv(data_dir: str | os.PathLike | None = None,
+             search_root: str | os.PathLike = KAGGLE_INPUT, max_depth: int = 4) -> Path:
+    """The metadata CSV: in data_dir when given (or data_dir itself if it is a CSV file),
+    else the first Data_Entry_2017*.csv found under search_root (Kaggle's /kaggle/input)."""
+    if data_dir is not None:
+        d = Path(data_dir)
+        if d.is_file():
+            return d
+        if not d.is_dir():
+            raise FileNotFoundError(f"data_dir {d} does not exist")
+        for name in CSV_NAMES:
+            if (d / name).is_file():
+                return d / name
+        found = sorted(d.glob(CSV_GLOB))
+        if found:
+            return found[0]
+        raise FileNotFoundError(f"No {CSV_GLOB} in {d}: point data_dir at the folder holding "
+                                f"the NIH metadata CSV")
+    root = Path(search_root)
+    if root.is_dir():
+        found = _find_files(root, CSV_GLOB, max_depth)
+        if found:
+            found.sort(key=lambda p: (CSV_NAMES.index(p.name) if p.name in CSV_NAMES else 9, str(p)))
+            return found[0]
+    raise FileNotFoundError(
+        f"{CSV_NAMES[0]} not found under {root}: attach the NIH Chest X-rays dataset on Kaggle, "
+        f"or set data_dir (None runs the synthetic demo data in the notebook)")
+
+
+def _find_files(root: Path, pattern: str, max_depth: int) -> list[Path]:
+    """Files matching pattern up to max_depth below root, not descending into image folders."""
+    found: list[Path] = []
+    level = [root]
+    for _ in range(max_depth + 1):
+        nxt: list[Path] = []
+        for d in level:
+            found.extend(p for p in d.glob(pattern) if p.is_file())
+            if d.name == "images":
+                continue
+            try:
+                nxt.extend(e for e in d.iterdir() if e.is_dir() and not e.name.startswith("."))
+            except OSError:
+                continue
+        level = nxt
+    return found
+
+
+def index_images(data_dir: str | os.PathLike, suffixes: Sequence[str] = (".png",)) -> dict[str, Path]:
+    """Map image file name -> path for every image under data_dir, built once.
+
+    Finds the Kaggle layout (images_001/images/*.png ... images_012/images/*.png), a flat folder,
+    or any nesting below data_dir. The same name in two places is an error (which one is meant?).
+    """
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    index: dict[str, Path] = {}
+    suffixes = tuple(s.lower() for s in suffixes)
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.lower().endswith(suffixes):
+                p = Path(dirpath) / name
+                if name in index:
+                    raise DataError(f"image {name!r} found twice: {index[name]} and {p}; "
+                                    f"keep one copy under {root}")
+                index[name] = p
+    return index
+
+
+def attach_paths(metadata: pd.DataFrame, images: str | os.PathLike | Mapping[str, Path],
+                 drop_missing: bool = False) -> pd.DataFrame:
+    """A copy of metadata with a 'path' column, from an image folder or a prebuilt index.
+
+    Images listed but absent raise an error (how many, the first few) unless drop_missing=True,
+    which keeps the present ones and logs how many were dropped.
+    """
+    index = images if isinstance(images, Mapping) else index_images(images)
+    where = str(images) if not isinstance(images, Mapping) else "the image index"
+    paths = metadata["image"].map(index)
+    missing = paths.isna()
+    out = metadata.copy()
+    if missing.any():
+        n = int(missing.sum())
+        first = ", ".join(metadata["image"][missing].head(5))
+        if not drop_missing:
+            raise FileNotFoundError(
+                f"{n} of {len(metadata)} images listed in the metadata are missing under {where} "
+                f"(first: {first}). Fix the data folder, or pass drop_missing=True to keep only "
+                f"the {len(metadata) - n} present images.")
+        log.warning("dropped %d of %d images missing under %s (first: %s)", n, len(metadata), where, first)
+        out = out[~missing.to_numpy()].copy()
+        paths = paths[~missing]
+        if len(out) == 0:
+            raise FileNotFoundError(f"none of the {len(metadata)} listed images exist under {where}")
+    out["path"] = paths.astype(str).to_numpy()
+    out.attrs = dict(metadata.attrs)
+    return out.reset_index(drop=True)
+
+
+def load_nih(data_dir: str | os.PathLike | None = None, drop_missing: bool = False) -> pd.DataFrame:
+    """Find the CSV, read it, and attach image paths from the folder the CSV lives in."""
+    csv = find_csv(data_dir)
+    return attach_paths(read_metadata(csv), csv.parent, drop_missing=drop_missing)
+
+
+# --------------------------------------------------------------------------- split
+
+def read_split_list(path: str | os.PathLike) -> set[str]:
+    """Image names in an NIH split list (one per line)."""
+    with open(path, encoding="utf-8-sig") as f:
+        return {line.strip() for line in f if line.strip()}
+
+
+def split_by_patient(metadata: pd.DataFrame, lists_dir: str | os.PathLike | None = None,
+                     val_fraction: float = 0.1, seed: int = 0,
+                     test_fraction: float = 0.2) -> dict[str, pd.DataFrame]:
+    """Split into 'train', 'val', 'test' with no patient in two of them.
+
+    With train_val_list.txt and test_list.txt in lists_dir (default: beside the CSV the metadata
+    came from, when both are there), 'test' is exactly the official test list intersected with
+    the metadata. Otherwise a seeded patient-level split holds out test_fraction of the patients.
+    'val' is val_fraction of the train_val patients, chosen with the seed.
+    """
+    for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= frac < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {frac}")
+    lists = _split_lists(metadata, lists_dir)
+    rng = np.random.default_rng(seed)
+    pid = metadata["patient_id"].to_numpy()
+    if lists is not None:
+        test_names = read_split_list(lists[1])
+        is_test = metadata["image"].isin(test_names).to_numpy()
+        test_patients = np.unique(pid[is_test])
+        stray = ~is_test & np.isin(pid, test_patients)
+        if stray.any():
+            raise DataError(
+                f"{int(stray.sum())} image(s) not in {lists[1]} belong to test patients "
+                f"(first {metadata['image'][stray].iloc[0]}); the split lists do not match "
+                f"this metadata. Use split lists that match it.")
+        listed = metadata["image"].isin(read_split_list(lists[0])).to_numpy() | is_test
+        if not listed.all():
+            log.warning("%d image(s) are in neither split list; they join train_val", int((~listed).sum()))
+    else:
+        patients = np.unique(pid)
+        n_test = int(round(test_fraction * len(patients)))
+        test_patients = rng.permutation(patients)[:n_test]
+        is_test = np.isin(pid, test_patients)
+    rest = np.unique(pid[~is_test])
+    n_val = int(round(val_fraction * len(rest)))
+    val_patients = rng.permutation(rest)[:n_val]
+    is_val = ~is_test & np.isin(pid, val_patients)
+    is_train = ~is_test & ~is_val
+    parts = {"train": is_train, "val": is_val, "test": is_test}
+    return {k: metadata[m].reset_index(drop=True) for k, m in parts.items()}
+
+
+def _split_lists(metadata: pd.DataFrame, lists_dir) -> tuple[Path, Path] | None:
+    explicit = lists_dir is not None
+    if not explicit:
+        source = metadata.attrs.get("source")
+        if not source:
+            return None
+        lists_dir = Path(source).parent
+    d = Path(lists_dir)
+    tv, te = d / TRAIN_VAL_LIST, d / TEST_LIST
+    have = [p.name for p in (tv, te) if p.is_file()]
+    if len(have) == 2:
+        return tv, te
+    if explicit or have:
+        raise FileNotFoundError(
+            f"{d} must hold both {TRAIN_VAL_LIST} and {TEST_LIST} (found {have or 'neither'}); "
+            f"add the missing one, or remove both for a seeded patient split")
+    return None
+
+
+# --------------------------------------------------------------------------- images
+
+class ImageDecodeError(OSError):
+    """A file that is not a decodable image."""
+
+
+def load_gray(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
+    """Decode an X-ray to an 8-bit grayscale array, optionally resized to size x size.
+
+    Reads 8-bit grayscale, RGB/RGBA with equal channels (as some NIH files are), and 16-bit PNGs
+    (scaled by their bit depth, not their max). A corrupt or truncated file raises ImageDecodeError
+    naming it; nothing is ever replaced by a black image.
+    """
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(img, dtype=np.float64)
+                top = 65535.0 if mode != "I" or arr.max() > 255 else 255.0
+                arr = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+                img = Image.fromarray(arr, mode="L")
+            elif mode in ("RGB", "RGBA"):
+                img = img.getchannel("R") if _channels_equal(img) else img.convert("L")
+            elif mode == "LA":
+                img = img.getchannel("L")
+            elif mode != "L":
+                img = img.convert("L")
+            if size is not None and img.size != (size, size):
+                img = img.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
+            return np.asarray(img, dtype=np.uint8).copy()
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ImageDecodeError(f"cannot decode image {path}: {e}. The file is corrupt or truncated: "
+                               f"re-download it, or remove its row from the metadata.") from e
+
+
+def _channels_equal(img) -> bool:
+    a = np.asarray(img)
+    return bool((a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all())
+
+
+def normalize_gray(gray, dtype=None):
+    """uint8 [..., H, W] tensor -> float [..., 3, H, W], ImageNet-normalized (on gray's device)."""
+    import torch
+    dtype = dtype or torch.float32
+    x = gray.to(dtype).div_(255.0).unsqueeze(-3)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=dtype, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=dtype, device=x.device).view(3, 1, 1)
+    return (x - mean) / std
+
+
+class NIHDataset:
+    """Map-style torch dataset over a metadata table with a 'path' column.
+
+    Item i is (float32 [3, size, size] ImageNet-normalized image, float32 [14] labels). With
+    preload=True every image is decoded once at construction (small data, e.g. the demo).
+    """
+
+    def __init__(self, frame: pd.DataFrame, image_size: int = 224, preload: bool = False):
+        if "path" not in frame:
+            raise DataError("the metadata table has no 'path' column: build it with "
+                            "fedxray.attach_paths(metadata, data_dir) or fedxray.load_nih()")
+        self.frame = frame.reset_index(drop=True)
+        self.paths = self.frame["path"].tolist()
+        self.labels = label_matrix(self.frame)
+        self.pathologies = LABELS
+        self.image_size = int(image_size)
+        self._cache = None
+        if preload:
+            self._cache = np.stack([load_gray(p, self.image_size) for p in self.paths]) \
+                if self.paths else np.zeros((0, self.image_size, self.image_size), np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def gray(self, i: int) -> np.ndarray:
+        return self._cache[i] if self._cache is not None else load_gray(self.paths[i], self.image_size)
+
+    def __getitem__(self, i: int):
+        import torch
+        x = normalize_gray(torch.from_numpy(self.gray(i)))
+        return x, torch.from_numpy(self.labels[i])
+
+    def summary(self) -> pd.DataFrame:
+        """Positive counts and prevalence per finding."""
+        pos = self.labels.sum(0).astype(int)
+        return pd.DataFrame({"positives": pos, "prevalence": pos / max(len(self), 1)}, index=list(LABELS))
