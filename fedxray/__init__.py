@@ -1,0 +1,8 @@
+"""fedxray: federated learning (FedAvg) for NIH ChestX-ray14 with a partly frozen ResNet-34."""
+from .data import (LABELS, DataError, ImageDecodeError, NIHDataset, attach_paths, find_csv,
+                   index_images, label_matrix, load_gray, load_nih, read_metadata, split_by_patient)
+from .aggregation import fedavg, state_nbytes
+from .metrics import auroc_per_finding, mean_auroc
+from .partition import client_finding_table, label_skew, partition
+
+__version__ = "0.1.0"
