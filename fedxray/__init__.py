@@ -5,4 +5,9 @@ from .aggregation import fedavg, state_nbytes
 from .metrics import auroc_per_finding, mean_auroc
 from .partition import client_finding_table, label_skew, partition
 
+from .model import EXCHANGED_PREFIXES, build_model
+from .client import Client, ClientUpdate, NonFiniteLossError
+from .config import Config
+from .federated import RunResult, run_centralized, run_federated, run_local_only
+
 __version__ = "0.1.0"

@@ -20,3 +20,44 @@ def nih_metadata() -> Path:
     if not (NIH_METADATA / "Data_Entry_2017.csv").is_file():
         pytest.skip(f"full NIH metadata not found at {NIH_METADATA} (the project's ../shared/nih-metadata)")
     return NIH_METADATA
+
+
+def write_tiny_nih(root: Path, num_patients: int = 12, images_per_patient: int = 3, size: int = 32,
+                   seed: int = 0) -> Path:
+    """A tiny NIH-layout dataset written by the tests themselves: random labels, and each
+    finding brightens its own horizontal band, so a model has something to learn."""
+    import numpy as np
+    from PIL import Image
+
+    from fedxray import LABELS
+    rng = np.random.default_rng(seed)
+    header = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
+              "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],")
+    lines = [header]
+    for p in range(1, num_patients + 1):
+        for f in range(images_per_patient):
+            name = f"{p:08d}_{f:03d}.png"
+            y = rng.random(len(LABELS)) < 0.3
+            img = rng.normal(90, 20, (size, size))
+            for j in np.flatnonzero(y):
+                img[(j * size) // len(LABELS)] += 120
+            folder = root / f"images_{1 + p % 2:03d}" / "images"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / name)
+            labels = "|".join(n for n, on in zip(LABELS, y) if on) or "No Finding"
+            lines.append(f"{name},{labels},{f},{p},{30 + p},{'MF'[p % 2]},{('PA', 'AP')[p % 3 == 0]},"
+                         f"{size},{size},0.1,0.1")
+    (root / "Data_Entry_2017.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_nih(tmp_path_factory) -> Path:
+    return write_tiny_nih(tmp_path_factory.mktemp("tiny_nih"))
+
+
+@pytest.fixture()
+def tiny_splits(tiny_nih):
+    import fedxray
+    meta = fedxray.load_nih(tiny_nih)
+    return fedxray.split_by_patient(meta, val_fraction=0.2, seed=0, test_fraction=0.25)

@@ -1,0 +1,115 @@
+"""A federated client: one hospital's data, trained locally on layer4 + fc from the global weights."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .model import bn_keys, exchanged_keys, get_state, trainable_parameters
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A NaN or infinite training loss; the run stops and keeps its last good checkpoint."""
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    state: dict[str, torch.Tensor]   # copies of the exchanged entries, on the CPU
+    num_examples: int                # examples held by the client (FedAvg's weight)
+    train_loss: float                # training loss averaged over every example seen
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers such as (seed, round, client_id), independent of call order."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def make_optimizer(params, name: str, lr: float, momentum: float = 0.9,
+                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'adam' or 'sgd', got {name!r}")
+
+
+class Client:
+    """Holds one client's dataset and trains the shared model object on it.
+
+    fit() loads the global weights into the (reused) model, trains local_epochs with a fresh
+    optimizer and returns a ClientUpdate. All its randomness derives from (seed, round, client_id),
+    so a client trains the same whatever order or process it runs in. With bn_policy="local"
+    (FedBN) layer4's BatchNorm entries never leave the client and persist between its rounds.
+    """
+
+    def __init__(self, client_id: int, dataset: Dataset, model: nn.Module, *, local_epochs: int = 1,
+                 batch_size: int = 32, lr: float = 1e-3, optimizer: str = "adam", momentum: float = 0.9,
+                 weight_decay: float = 0.0, seed: int = 0, bn_policy: str = "average",
+                 device: torch.device | str = "cpu", amp_dtype: Optional[torch.dtype] = None,
+                 num_workers: int = 0):
+        if len(dataset) == 0:
+            raise ValueError(f"client {client_id} has no training examples")
+        self.client_id = int(client_id)
+        self.dataset = dataset
+        self.model = model
+        self.local_epochs = local_epochs
+        self.batch_size = batch_size
+        self.lr, self.optimizer, self.momentum, self.weight_decay = lr, optimizer, momentum, weight_decay
+        self.seed = seed
+        self.bn_policy = bn_policy
+        self.device = torch.device(device)
+        self.amp_dtype = amp_dtype
+        self.num_workers = num_workers
+        self.keys = exchanged_keys(model, bn_policy)
+        # FedBN: this client's own layer4 BatchNorm state, starting from the model's initial one.
+        self.local_state = get_state(model, bn_keys(model)) if bn_policy == "local" else {}
+
+    def fit(self, global_state: Mapping[str, torch.Tensor], round_num: int = 1) -> ClientUpdate:
+        missing = sorted(set(self.keys) - set(global_state))
+        extra = sorted(set(global_state) - set(self.keys))
+        if missing or extra:
+            raise KeyError(f"client {self.client_id}: global state does not match the exchanged keys "
+                           f"(missing {missing[:3]}, unexpected {extra[:3]})")
+        model = self.model.to(self.device)
+        model.load_state_dict({**global_state, **self.local_state}, strict=False)
+        model.train()   # the trunk's FrozenBatchNorm2d cannot drift; layer4's BN learns
+        params = trainable_parameters(model)
+        opt = make_optimizer(params, self.optimizer, self.lr, self.momentum, self.weight_decay)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        loss_fn = nn.BCEWithLogitsLoss()
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, round_num, self.client_id))
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, generator=gen,
+                            num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+                            persistent_workers=False)
+        total, seen = 0.0, 0
+        for _ in range(self.local_epochs):
+            for x, y in loader:
+                x = x.to(self.device, non_blocking=True)
+                y = y.to(self.device, non_blocking=True)
+                with autocast(self.device, self.amp_dtype):
+                    loss = loss_fn(model(x).float(), y)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"client {self.client_id}, round {round_num}: training loss is {loss.item()} "
+                        f"after {seen} examples; lower lr (now {self.lr}) or turn off mixed precision")
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                total += loss.item() * len(y)   # mean loss of the batch, weighted by its size
+                seen += len(y)
+        if self.local_state:
+            self.local_state = get_state(model, self.local_state)
+        return ClientUpdate(state=get_state(model, self.keys), num_examples=len(self.dataset),
+                            train_loss=total / seen)

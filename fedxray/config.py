@@ -1,0 +1,103 @@
+"""One dataclass with every hyperparameter of a run; it is saved next to every result."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+OPTIMIZERS = ("adam", "sgd")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+BN_POLICIES = ("average", "local")
+PARTITIONS = ("iid", "dirichlet", "column", "quantity")
+# Fields that change how a run executes but not what it computes: a resume may differ in them.
+RUNTIME_FIELDS = ("device", "num_workers", "progress")
+
+
+@dataclass
+class Config:
+    # Federation
+    num_clients: int = 5
+    num_rounds: int = 10
+    fraction_fit: float = 1.0          # share of clients sampled each round (at least one)
+    local_epochs: int = 1
+    # Local optimisation: a fresh optimizer every round, as in FedAvg (McMahan et al. 2017)
+    batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: str = "adam"            # "adam" or "sgd"
+    momentum: float = 0.9              # sgd only
+    weight_decay: float = 0.0
+    # Data
+    image_size: int = 224
+    partition: str = "iid"             # "iid", "dirichlet" (label skew), "column", "quantity"
+    alpha: float = 0.5                 # Dirichlet concentration: small = more skewed
+    partition_column: Optional[str] = None   # for partition="column"; None = "view"
+    max_images: Optional[int] = None   # cap on training images (whole patients), for quick runs
+    preload: bool = False              # decode every image once into memory (small data only)
+    # Model
+    weights: Optional[str] = "auto"    # "auto", "imagenet", a .pth path, or None (random)
+    bn_policy: str = "average"         # layer4 BatchNorm: "average" with the weights, or "local" (FedBN)
+    # Evaluation
+    eval_batch_size: int = 128
+    test_every_round: bool = True      # False: test only after the last round
+    # Execution
+    seed: int = 0
+    device: str = "auto"               # "auto" = cuda when present, else cpu
+    amp: str = "auto"                  # "auto" = bf16 where supported, fp16 on older GPUs, off on CPU
+    num_workers: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        def need(cond: bool, msg: str):
+            if not cond:
+                raise ValueError(f"Config: {msg}")
+        for name in ("num_clients", "num_rounds", "local_epochs", "batch_size", "image_size",
+                     "eval_batch_size"):
+            need(int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        need(0.0 < self.fraction_fit <= 1.0, f"fraction_fit must be in (0, 1], got {self.fraction_fit}")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
+        need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        need(self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        need(self.bn_policy in BN_POLICIES, f"bn_policy must be one of {BN_POLICIES}, got {self.bn_policy!r}")
+        need(self.partition in PARTITIONS, f"partition must be one of {PARTITIONS}, got {self.partition!r}")
+        need(self.max_images is None or self.max_images >= 1, f"max_images must be >= 1 or None")
+        need(self.image_size >= 64, f"image_size must be >= 64: ResNet-34 downsamples 32x and layer4's "
+             f"BatchNorm needs more than one value per channel, got {self.image_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"Config: unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        from .io import atomic_write_text
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def same_experiment(self, other: "Config") -> bool:
+        a, b = self.to_dict(), other.to_dict()
+        return all(a[k] == b[k] for k in a if k not in RUNTIME_FIELDS)
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolve_amp(self, device: torch.device) -> Optional[torch.dtype]:
+        """The autocast dtype, or None for full fp32."""
+        if self.amp == "off" or (self.amp == "auto" and device.type != "cuda"):
+            return None
+        # Capability, not is_bf16_supported(): the latter says True on a T4 via slow emulation.
+        native_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+        if self.amp == "bf16" or (self.amp == "auto" and native_bf16):
+            return torch.bfloat16
+        return torch.float16   # T4 and P100 have no bf16: fp16 with a GradScaler

@@ -1,0 +1,183 @@
+"""ResNet-34 with a 14-logit multi-label head, a frozen trunk (conv1..layer3) and a trainable
+layer4 + fc: the only part that is trained and exchanged."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, ResNet
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+log = logging.getLogger(__name__)
+
+# The one value that says what travels between clients and server.
+EXCHANGED_PREFIXES: tuple[str, ...] = ("layer4.", "fc.")
+TRUNK: tuple[str, ...] = ("conv1", "bn1", "layer1", "layer2", "layer3")
+WEIGHTS_ENV = "FEDXRAY_WEIGHTS"
+
+
+class ChestXrayResNet(ResNet):
+    """torchvision's ResNet-34 (same state-dict keys) whose trunk is frozen and runs without autograd.
+
+    The trunk's BatchNorms are FrozenBatchNorm2d: their statistics cannot move, whatever
+    train()/eval() mode the model is in (requires_grad=False alone does not stop them).
+    """
+
+    weights_source: str = "random"
+
+    def __init__(self, num_classes: int = 14):
+        super().__init__(BasicBlock, [3, 4, 6, 3], num_classes=num_classes)
+        for name in TRUNK:
+            setattr(self, name, _freeze(getattr(self, name)))
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """conv1..layer3: the layer3 feature map, computed without autograd."""
+        with torch.no_grad():
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+            return self.layer3(self.layer2(self.layer1(x)))
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """layer4 + pooling + fc: logits from layer3 features."""
+        x = self.avgpool(self.layer4(features))
+        return self.fc(torch.flatten(x, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x))
+
+
+def _freeze(module: nn.Module) -> nn.Module:
+    """Swap every BatchNorm2d for a FrozenBatchNorm2d copy and stop gradients."""
+    if isinstance(module, nn.BatchNorm2d):
+        frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
+        with torch.no_grad():
+            frozen.weight.copy_(module.weight)
+            frozen.bias.copy_(module.bias)
+            frozen.running_mean.copy_(module.running_mean)
+            frozen.running_var.copy_(module.running_var)
+        return frozen
+    for name, child in module.named_children():
+        setattr(module, name, _freeze(child))
+    for p in module.parameters(recurse=False):
+        p.requires_grad_(False)
+    return module
+
+
+def exchanged_keys(model: nn.Module, bn_policy: str = "average") -> list[str]:
+    """Names of the parameters and buffers that travel: everything under EXCHANGED_PREFIXES,
+    less layer4's BatchNorm entries when bn_policy == "local" (FedBN)."""
+    keys = [k for k in model.state_dict() if k.startswith(EXCHANGED_PREFIXES)]
+    if bn_policy == "local":
+        local = set(bn_keys(model))
+        keys = [k for k in keys if k not in local]
+    elif bn_policy != "average":
+        raise ValueError(f"bn_policy must be 'average' or 'local' (FedBN), got {bn_policy!r}")
+    return keys
+
+
+def bn_keys(model: nn.Module) -> list[str]:
+    """State keys of the trainable BatchNorm layers (selected by type, not by name)."""
+    keys = []
+    for mname, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and mname.startswith(EXCHANGED_PREFIXES):
+            keys += [f"{mname}.{k}" for k in m.state_dict()]
+    return keys
+
+
+def get_state(model: nn.Module, keys) -> dict[str, torch.Tensor]:
+    """Detached CPU copies of the named entries (a state_dict is a live reference)."""
+    sd = model.state_dict()
+    return {k: sd[k].detach().to("cpu", copy=True) for k in keys}
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def build_model(num_classes: int = 14, weights: str | os.PathLike | None = "auto") -> ChestXrayResNet:
+    """ResNet-34 with num_classes logits; trunk frozen, layer4 + fc trainable.
+
+    weights: "imagenet" (torchvision IMAGENET1K_V1 from the torch cache, else downloaded),
+    a path to a local .pth, None (random), or "auto": imagenet, else the file named by the
+    FEDXRAY_WEIGHTS environment variable, else random init with a loud warning.
+    model.weights_source records what was actually used.
+    """
+    torch_model = ChestXrayResNet(num_classes)
+    if weights is None or weights == "random":
+        state, source = None, "random"
+    elif weights == "imagenet":
+        state, source = _imagenet_state(), "imagenet"
+    elif weights == "auto":
+        state, source = _auto_state()
+    else:
+        state, source = _file_state(Path(weights)), f"file:{weights}"
+    if state is not None:
+        _load_backbone(torch_model, state, source)
+    torch_model.weights_source = source
+    return torch_model
+
+
+def _auto_state():
+    try:
+        return _imagenet_state(), "imagenet"
+    except RuntimeError as e:
+        reason = str(e)
+    env = os.environ.get(WEIGHTS_ENV)
+    if env:
+        return _file_state(Path(env)), f"file:{env}"
+    log.warning("=" * 70 + "\nNO PRETRAINED WEIGHTS: %s\n%s is not set either. The model starts "
+                "from RANDOM weights; its frozen trunk is then random features and results will be "
+                "far below published ones. Attach resnet34 ImageNet weights and set %s=/path/to.pth "
+                "or weights='/path/to.pth'.\n" + "=" * 70, reason, WEIGHTS_ENV, WEIGHTS_ENV)
+    return None, "random (ImageNet weights unavailable)"
+
+
+def _imagenet_state() -> dict[str, torch.Tensor]:
+    """torchvision's ResNet-34 IMAGENET1K_V1 weights, from the torch hub cache or the internet."""
+    from torchvision.models import ResNet34_Weights
+    w = ResNet34_Weights.IMAGENET1K_V1
+    try:
+        return w.get_state_dict(progress=False, check_hash=False)
+    except Exception as e:  # URLError, socket errors, HTTP errors: all mean "not available here"
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(w.url).name
+        raise RuntimeError(
+            f"ImageNet weights for ResNet-34 could not be loaded ({type(e).__name__}: {e}). They are "
+            f"not in the torch cache ({cache}) and could not be downloaded (internet off?). On Kaggle, "
+            f"attach a dataset holding {Path(w.url).name} and pass weights='/kaggle/input/.../"
+            f"{Path(w.url).name}' or set {WEIGHTS_ENV}.") from e
+
+
+def _file_state(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist (from weights= or {WEIGHTS_ENV})")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"cannot read weights file {path}: {e}") from e
+    for key in ("model", "state_dict", "global_state"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise RuntimeError(f"{path} holds no state dict of tensors (expected a ResNet-34 state_dict)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _load_backbone(model: ChestXrayResNet, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a ResNet-34 state dict; its fc is used only if it has our number of classes."""
+    own = model.state_dict()
+    fc_ok = all(k in state and state[k].shape == own[k].shape for k in ("fc.weight", "fc.bias"))
+    if not fc_ok:
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        log.info("%s: fc has another shape; the %d-logit head starts from random init",
+                 source, model.fc.out_features)
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked") or k in own}
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise RuntimeError(f"{source} is not a ResNet-34 state dict: {e}") from e
+    missing = [k for k in result.missing_keys if not k.startswith("fc.") or fc_ok]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"{source} is not a ResNet-34 state dict: missing {missing[:5]}, "
+                           f"unexpected {result.unexpected_keys[:5]}")

@@ -1,0 +1,151 @@
+"""Rounds, history, checkpoints, resume, baselines."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import fedxray
+from fedxray import LABELS, Config, NonFiniteLossError, run_centralized, run_federated, run_local_only
+from fedxray.federated import CHECKPOINT, FederatedRun, cap_splits, sample_clients
+
+
+def _config(**kw):
+    base = dict(num_clients=2, num_rounds=3, batch_size=8, lr=1e-3, image_size=64, weights=None,
+                preload=True, progress=False, eval_batch_size=64, seed=0)
+    return Config(**{**base, **kw})
+
+
+def test_run_writes_history_config_and_checkpoint(tiny_splits, tmp_path):
+    res = run_federated(_config(num_rounds=2), tiny_splits, tmp_path)
+    h = res.history
+    assert list(h.columns) == ["round", "split", "client", "metric", "value"]
+    for name in ("history.csv", "config.json", "checkpoint.pt", "final_model.pt", "run_info.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    on_disk = pd.read_csv(tmp_path / "history.csv", dtype={"client": str})
+    assert len(on_disk) == len(h)
+    assert json.loads((tmp_path / "config.json").read_text())["num_rounds"] == 2
+    assert json.loads((tmp_path / "run_info.json").read_text())["weights_source"] == "random"
+    val = h[(h.split == "val") & (h.client == "global")]
+    assert sorted(val["round"].unique()) == [0, 1, 2]                 # round 0 = untrained model
+    assert set(val.metric) == {"loss", "mean_auroc"} | {f"auroc_{n}" for n in LABELS}
+    assert sorted(h[h.split == "test"]["round"].unique()) == [0, 1, 2]
+    train = h[(h.metric == "train_loss") & (h.client != "all")]
+    assert len(train) == 2 * 2 and (train.value > 0).all()
+    # the round's pooled training loss is the example-weighted mean of the clients'
+    r1 = h[(h["round"] == 1) & (h.split == "train")].pivot(index="client", columns="metric", values="value")
+    clients = r1.drop(index="all")
+    expected = (clients.train_loss * clients.num_examples).sum() / clients.num_examples.sum()
+    assert r1.loc["all", "train_loss"] == pytest.approx(expected)
+    sent = h[(h.metric == "bytes_sent")]["value"].iloc[0]
+    assert sent == 2 * res.info["exchanged_bytes"] and sent > 4 * 8e6   # layer4+fc is ~8.4M floats
+
+
+def test_mean_auroc_is_pooled_and_matches_sklearn(tiny_splits, tmp_path):
+    res = run_federated(_config(num_rounds=1), tiny_splits, tmp_path)
+    run = FederatedRun(_config(num_rounds=1), tiny_splits["train"], tiny_splits["val"], tiny_splits["test"], tmp_path / "x")
+    run.model.load_state_dict(res.model.state_dict())
+    probs, labels = fedxray.federated.predict(run.model, run.test_data, 64, torch.device("cpu"))
+    from sklearn.metrics import roc_auc_score
+    expected = np.nanmean([roc_auc_score(labels[:, j], probs[:, j]) if 0 < labels[:, j].sum() < len(labels)
+                           else np.nan for j in range(14)])
+    h = res.history
+    got = h[(h.split == "test") & (h.metric == "mean_auroc") & (h["round"] == 1)]["value"].item()
+    assert got == pytest.approx(expected, abs=1e-6)
+
+
+def test_interrupted_run_resumes_to_identical_result(tiny_splits, tmp_path, monkeypatch):
+    cfg = _config(num_rounds=3, fraction_fit=0.5)
+    full = run_federated(cfg, tiny_splits, tmp_path / "full")
+
+    real_round = FederatedRun._round
+
+    def crash_in_round_3(self, r, progress):
+        if r == 3:
+            raise KeyboardInterrupt("simulated interruption")
+        return real_round(self, r, progress)
+    monkeypatch.setattr(FederatedRun, "_round", crash_in_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_federated(cfg, tiny_splits, tmp_path / "resumed")
+    assert torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=False)["round"] == 2
+    monkeypatch.setattr(FederatedRun, "_round", real_round)
+    resumed = run_federated(cfg, tiny_splits, tmp_path / "resumed")
+
+    pd.testing.assert_frame_equal(full.history, resumed.history)
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_refuses_another_config(tiny_splits, tmp_path):
+    run_federated(_config(num_rounds=1), tiny_splits, tmp_path)
+    with pytest.raises(ValueError, match="another configuration.*lr"):
+        run_federated(_config(num_rounds=1, lr=0.5), tiny_splits, tmp_path)
+    run_federated(_config(num_rounds=1, lr=0.5), tiny_splits, tmp_path, resume=False)   # explicit restart
+
+
+def test_non_finite_loss_keeps_last_good_checkpoint(tiny_splits, tmp_path, monkeypatch):
+    real_fit = fedxray.Client.fit
+
+    def diverge_in_round_2(self, state, round_num=1):
+        if round_num == 2:           # as if the weights had blown up: the loss is NaN
+            state = {**state, "fc.bias": torch.full_like(state["fc.bias"], float("nan"))}
+        return real_fit(self, state, round_num)
+    monkeypatch.setattr(fedxray.Client, "fit", diverge_in_round_2)
+    with pytest.raises(NonFiniteLossError, match="round 2"):
+        run_federated(_config(num_rounds=3), tiny_splits, tmp_path)
+    ckpt = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    assert ckpt["round"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["global_state"].values() if v.is_floating_point())
+    hist = pd.read_csv(tmp_path / "history.csv")
+    assert hist["round"].max() == 1
+
+
+def test_centralized_baseline_is_one_client_with_all_data(tiny_splits, tmp_path):
+    res = run_centralized(_config(num_rounds=1), tiny_splits, tmp_path)
+    assert res.info["client_examples"] == [len(tiny_splits["train"])]
+    h = res.history
+    assert h[(h.split == "test") & (h.metric == "mean_auroc")]["round"].tolist() == [0, 1]
+
+
+def test_local_only_baseline_evaluates_each_client_on_the_same_test_set(tiny_splits, tmp_path):
+    hist = run_local_only(_config(num_rounds=1), tiny_splits, tmp_path)
+    test = hist[(hist.split == "test") & (hist.metric == "mean_auroc") & (hist["round"] == 1)]
+    assert sorted(test.client) == ["0", "1"]
+    assert (tmp_path / "history.csv").stat().st_size > 0
+    infos = [json.loads((tmp_path / f"client_{k}" / "run_info.json").read_text()) for k in (0, 1)]
+    assert infos[0]["test_examples"] == infos[1]["test_examples"] == len(tiny_splits["test"])
+    assert sum(i["client_examples"][0] for i in infos) == len(tiny_splits["train"])
+
+
+def test_fedbn_evaluates_each_clients_model(tiny_splits, tmp_path):
+    res = run_federated(_config(num_rounds=1, bn_policy="local"), tiny_splits, tmp_path)
+    h = res.history
+    r1 = h[(h.split == "val") & (h.metric == "mean_auroc") & (h["round"] == 1)]
+    assert sorted(r1.client) == ["0", "1", "global"]
+
+
+def test_sample_clients_is_seeded():
+    a = sample_clients(10, 0.3, seed=0, round_num=1)
+    assert len(a) == 3 and a == sample_clients(10, 0.3, seed=0, round_num=1)
+    assert any(sample_clients(10, 0.3, seed=0, round_num=r) != a for r in range(2, 6))
+    assert sample_clients(10, 0.01, 0, 1) and len(sample_clients(10, 1.0, 0, 1)) == 10
+
+
+def test_cap_splits_keeps_whole_patients(tiny_splits):
+    capped = cap_splits(tiny_splits, 10, seed=0)
+    assert len(capped["train"]) <= 10
+    full_counts = tiny_splits["train"].groupby("patient_id").size()
+    for pid, n in capped["train"].groupby("patient_id").size().items():
+        assert n == full_counts[pid]
+    assert len(capped["test"]) < len(tiny_splits["test"])
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="fraction_fit"):
+        Config(fraction_fit=0)
+    with pytest.raises(ValueError, match="optimizer"):
+        Config(optimizer="rmsprop")
+    with pytest.raises(ValueError, match="unknown field"):
+        Config.from_dict({"num_clients": 2, "bogus": 1})
