@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .data import normalize_gray
 from .model import bn_keys, exchanged_keys, get_state, trainable_parameters
 
 
@@ -33,6 +34,47 @@ def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
     if amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def is_feature_data(dataset) -> bool:
+    """True for precomputed trunk features (fedxray.cache.FeatureDataset): only model.head runs."""
+    return bool(getattr(dataset, "is_features", False))
+
+
+class FeatureBatches:
+    """Batches of cached features gathered by index where they live (no per-item DataLoader), in
+    the order `order`, a DataLoader over range(n): the same draws as for an image dataset."""
+
+    def __init__(self, dataset, order: DataLoader):
+        self.dataset, self.order = dataset, order
+
+    def __iter__(self):
+        for idx in self.order:
+            yield self.dataset.batch(idx)
+
+
+def batches(dataset, batch_size: int, device: torch.device, *, shuffle: bool = False,
+            generator: Optional[torch.Generator] = None, num_workers: int = 0):
+    """Re-iterable (x, y) batches of a dataset; with shuffle, the order is drawn from generator."""
+    if is_feature_data(dataset):
+        return FeatureBatches(dataset, DataLoader(range(len(dataset)), batch_size=batch_size,
+                                                  shuffle=shuffle, generator=generator))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=False)
+
+
+def to_input(x: torch.Tensor, device: torch.device, amp_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """A batch on the device, ready for the model. uint8 images (the image cache) are normalised
+    and expanded to 3 channels there; cached fp16 features run in fp32 when there is no autocast;
+    channels_last on CUDA."""
+    x = x.to(device, non_blocking=True)
+    if x.dtype == torch.uint8:
+        x = normalize_gray(x)
+    elif amp_dtype is None and x.dtype != torch.float32:
+        x = x.float()
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def make_optimizer(params, name: str, lr: float, momentum: float = 0.9,
@@ -82,23 +124,25 @@ class Client:
             raise KeyError(f"client {self.client_id}: global state does not match the exchanged keys "
                            f"(missing {missing[:3]}, unexpected {extra[:3]})")
         model = self.model.to(self.device)
+        if self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
         model.load_state_dict({**global_state, **self.local_state}, strict=False)
         model.train()   # the trunk's FrozenBatchNorm2d cannot drift; layer4's BN learns
         params = trainable_parameters(model)
+        forward = model.head if is_feature_data(self.dataset) else model   # cached features: layer4+fc
         opt = make_optimizer(params, self.optimizer, self.lr, self.momentum, self.weight_decay)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         loss_fn = nn.BCEWithLogitsLoss()
         gen = torch.Generator().manual_seed(derive_seed(self.seed, round_num, self.client_id))
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, generator=gen,
-                            num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
-                            persistent_workers=False)
+        loader = batches(self.dataset, self.batch_size, self.device, shuffle=True, generator=gen,
+                         num_workers=self.num_workers)
         total, seen = 0.0, 0
         for _ in range(self.local_epochs):
             for x, y in loader:
-                x = x.to(self.device, non_blocking=True)
+                x = to_input(x, self.device, self.amp_dtype)
                 y = y.to(self.device, non_blocking=True)
                 with autocast(self.device, self.amp_dtype):
-                    loss = loss_fn(model(x).float(), y)
+                    loss = loss_fn(forward(x).float(), y)
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(
                         f"client {self.client_id}, round {round_num}: training loss is {loss.item()} "

@@ -14,7 +14,16 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 BN_POLICIES = ("average", "local")
 PARTITIONS = ("iid", "dirichlet", "column", "quantity")
 # Fields that change how a run executes but not what it computes: a resume may differ in them.
-RUNTIME_FIELDS = ("device", "num_workers", "progress")
+RUNTIME_FIELDS = ("device", "num_workers", "progress", "image_cache", "cache_dir")
+FEATURE_DTYPES = ("float16", "float32")
+
+# The notebook's None parameters resolve to these, by dataset. NIH: 224 px is what the ImageNet
+# weights saw; test AUROC only after the last round (25,596 test images). Demo: small images so a
+# CPU run takes minutes; its test set is small enough to score every round.
+DATASET_DEFAULTS = {
+    "nih": {"image_size": 224, "num_rounds": 10, "test_every_round": False},
+    "demo": {"image_size": 64, "num_rounds": 8, "test_every_round": True},
+}
 
 
 @dataclass
@@ -49,6 +58,13 @@ class Config:
     amp: str = "auto"                  # "auto" = bf16 where supported, fp16 on older GPUs, off on CPU
     num_workers: int = 0
     progress: bool = True
+    # Speed (fedxray.cache). The image cache gives the same results bitwise; cached features give
+    # them to float tolerance (fp16 storage: to fp16 rounding of layer3's output).
+    image_cache: bool = False          # decode every PNG once into a uint8 memory map in cache_dir
+    feature_cache: bool = False        # run the frozen trunk once per image; train layer4+fc on its
+                                       # output (builds the image cache first)
+    feature_dtype: str = "float16"     # storage of cached features: "float16" or "float32"
+    cache_dir: Optional[str] = None    # None: /kaggle/working/fedxray_cache on Kaggle, else data/cache
 
     def __post_init__(self):
         def need(cond: bool, msg: str):
@@ -63,6 +79,8 @@ class Config:
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         need(self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         need(self.bn_policy in BN_POLICIES, f"bn_policy must be one of {BN_POLICIES}, got {self.bn_policy!r}")
+        need(self.feature_dtype in FEATURE_DTYPES,
+             f"feature_dtype must be one of {FEATURE_DTYPES}, got {self.feature_dtype!r}")
         need(self.partition in PARTITIONS, f"partition must be one of {PARTITIONS}, got {self.partition!r}")
         need(self.max_images is None or self.max_images >= 1, f"max_images must be >= 1 or None")
         need(self.image_size >= 64, f"image_size must be >= 64: ResNet-34 downsamples 32x and layer4's "

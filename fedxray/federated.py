@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from .aggregation import fedavg, state_nbytes
-from .client import Client, autocast, derive_seed
+from .cache import build_feature_cache, build_image_cache
+from .client import Client, autocast, batches, derive_seed, is_feature_data, to_input
 from .config import Config
 from .data import LABELS, NIHDataset
 from .io import atomic_write, atomic_write_text
@@ -78,16 +78,17 @@ def cap_splits(splits: dict[str, pd.DataFrame], max_images: Optional[int], seed:
 @torch.no_grad()
 def predict(model: nn.Module, dataset, batch_size: int, device: torch.device,
             amp_dtype: Optional[torch.dtype] = None) -> tuple[np.ndarray, np.ndarray]:
-    """Sigmoid probabilities and labels over a dataset, in its order."""
+    """Sigmoid probabilities and labels over a dataset (images, cached images or cached features),
+    in its order."""
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                        pin_memory=device.type == "cuda")
+    forward = model.head if is_feature_data(dataset) else model
     probs, labels = [], []
-    for x, y in loader:
+    for x, y in batches(dataset, batch_size, device):
+        x = to_input(x, device, amp_dtype)
         with autocast(device, amp_dtype):
-            logits = model(x.to(device, non_blocking=True))
+            logits = forward(x)
         probs.append(torch.sigmoid(logits.float()).cpu())
-        labels.append(y)
+        labels.append(y.cpu())
     model.train()
     if not probs:
         return np.zeros((0, len(LABELS)), np.float32), np.zeros((0, len(LABELS)), np.float32)
@@ -118,6 +119,13 @@ class FederatedRun:
         self.amp_dtype = c.resolve_amp(self.device)
         capped = cap_splits({"train": train, "val": val, "test": test}, c.max_images, c.seed)
         train, val, test = capped["train"], capped["val"], capped["test"]
+        self.image_cache = self.feature_cache = None
+        if c.image_cache or c.feature_cache:   # decode once; undecodable images leave every table
+            self.image_cache = build_image_cache(pd.concat([train, val, test, *(client_frames or [])]),
+                                                 c.image_size, c.cache_dir, progress=c.progress)
+            train, val, test = (self.image_cache.usable(f) for f in (train, val, test))
+            if client_frames is not None:
+                client_frames = [self.image_cache.usable(f) for f in client_frames]
         if client_frames is None:
             client_frames = partition(train, c.num_clients, scheme=c.partition, alpha=c.alpha,
                                       seed=c.seed, column=c.partition_column)
@@ -126,8 +134,10 @@ class FederatedRun:
         self.client_frames = list(client_frames)
         torch.manual_seed(c.seed)   # the random fc (and any random init) depends on the seed only
         self.model = build_model(len(LABELS), c.weights).to(self.device)
+        if self.device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
         self.keys = exchanged_keys(self.model, c.bn_policy)
-        ds = lambda f: NIHDataset(f, c.image_size, preload=c.preload)  # noqa: E731
+        ds = self._dataset_maker([val, test, *self.client_frames])
         self.val_data, self.test_data = ds(val), ds(test)
         self.clients = [
             Client(k, ds(f), self.model, local_epochs=c.local_epochs, batch_size=c.batch_size, lr=c.lr,
@@ -147,6 +157,26 @@ class FederatedRun:
             "client_examples": [len(cl.dataset) for cl in self.clients],
             "val_examples": len(self.val_data), "test_examples": len(self.test_data),
         }
+        if self.image_cache is not None:
+            self.info.update(image_cache=str(self.image_cache.directory),
+                             excluded_images=sorted(self.image_cache.excluded))
+        if self.feature_cache is not None:
+            self.info.update(feature_cache=self.feature_cache.placement,
+                             feature_cache_bytes=self.feature_cache.nbytes)
+
+    def _dataset_maker(self, frames: list[pd.DataFrame]):
+        """frame -> dataset: PNGs decoded per item, rows of the image cache, or cached features
+        (computed here, once, by the frozen trunk over every image of frames)."""
+        c = self.config
+        if self.image_cache is None:
+            return lambda f: NIHDataset(f, c.image_size, preload=c.preload)
+        if not c.feature_cache:
+            return self.image_cache.dataset
+        images = self.image_cache.dataset(pd.concat(frames).drop_duplicates("image"))
+        self.feature_cache = build_feature_cache(
+            self.model, images, self.device, batch_size=c.eval_batch_size, amp_dtype=self.amp_dtype,
+            dtype=getattr(torch, c.feature_dtype), progress=c.progress)
+        return self.feature_cache.dataset
 
     # ------------------------------------------------------------------ evaluation
     def _personal_state(self, client: Client) -> dict[str, torch.Tensor]:
@@ -297,6 +327,8 @@ def run_local_only(config: Config, splits: dict[str, pd.DataFrame], output_dir: 
     'client' naming the client whose model was evaluated."""
     c = config
     splits = cap_splits(splits, c.max_images, c.seed)
+    if c.image_cache or c.feature_cache:   # one cache over every image, which each client's run reuses
+        build_image_cache(pd.concat(list(splits.values())), c.image_size, c.cache_dir, progress=c.progress)
     parts = partition(splits["train"], c.num_clients, scheme=c.partition, alpha=c.alpha, seed=c.seed,
                       column=c.partition_column)
     solo = dataclasses.replace(c, num_clients=1, fraction_fit=1.0, max_images=None)

@@ -1,0 +1,223 @@
+"""The image and feature caches: the pixels and results they give, resume, corrupt files, staleness,
+and the benchmark's command line."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import fedxray
+from fedxray import Config, load_gray, run_federated
+from fedxray.cache import (INDEX, PROGRESS, CachedImageDataset, build_feature_cache, build_image_cache,
+                           find_image_cache)
+from fedxray.data import DataError
+from fedxray.federated import FederatedRun
+
+from conftest import ROOT, write_tiny_nih
+
+SIZE = 64
+
+
+@pytest.fixture()
+def tiny_meta(tiny_nih):
+    return fedxray.load_nih(tiny_nih)
+
+
+def test_cache_rows_are_load_gray_pixels(tiny_meta, tmp_path):
+    cache = build_image_cache(tiny_meta, SIZE, tmp_path, num_workers=2, progress=False)
+    ds = cache.dataset(tiny_meta)
+    for i in (0, 7, len(tiny_meta) - 1):
+        np.testing.assert_array_equal(ds.gray(i), load_gray(tiny_meta.path[i], SIZE))
+    x, y = ds[3]
+    assert x.dtype == torch.uint8 and x.shape == (SIZE, SIZE) and y.dtype == torch.float32
+    batch = ds.__getitems__([5, 1, 5])                       # one read of the memory map per batch
+    for (bx, by), i in zip(batch, [5, 1, 5]):
+        assert torch.equal(bx, ds[i][0]) and torch.equal(by, ds[i][1])
+
+
+def test_real_png_rows_match_load_gray(nih_sample, tmp_path):
+    from PIL import Image
+    meta = fedxray.load_nih(nih_sample)
+    modes = [Image.open(p).mode for p in meta.path]          # reads headers only
+    pick = meta.iloc[[modes.index("L"), modes.index("RGBA")]]   # NIH ships a few RGBA files
+    cache = build_image_cache(pick, 128, tmp_path, num_workers=0, progress=False)
+    for i, p in enumerate(pick.path):
+        np.testing.assert_array_equal(cache.dataset(pick).gray(i), load_gray(p, 128))
+
+
+def test_interrupted_build_resumes_to_the_same_bytes(tiny_meta, tmp_path, monkeypatch):
+    monkeypatch.setattr(fedxray.cache, "CHUNK", 4)
+    monkeypatch.setattr(fedxray.cache, "SAVE_EVERY_S", 0.0)   # persist the done-mask every chunk
+    whole = build_image_cache(tiny_meta, SIZE, tmp_path / "a", num_workers=0, progress=False)
+
+    calls = []
+
+    def dies_after_10(path, size):
+        if len(calls) == 10:
+            raise KeyboardInterrupt("simulated interruption")
+        calls.append(path)
+        return load_gray(path, size)
+    with pytest.raises(KeyboardInterrupt):
+        build_image_cache(tiny_meta, SIZE, tmp_path / "b", num_workers=0, progress=False, loader=dies_after_10)
+    folder = tmp_path / "b" / whole.directory.name
+    assert not (folder / INDEX).exists()                      # incomplete: no index, never used
+    assert find_image_cache(tmp_path / "b", SIZE, tiny_meta.image.tolist(), tiny_meta.path.tolist()) is None
+    assert np.fromfile(folder / PROGRESS, np.uint8).sum() == 8   # two whole chunks of 4 were saved
+
+    resumed_calls = []
+
+    def counting(path, size):
+        resumed_calls.append(path)
+        return load_gray(path, size)
+    resumed = build_image_cache(tiny_meta, SIZE, tmp_path / "b", num_workers=0, progress=False, loader=counting)
+    assert len(resumed_calls) == len(tiny_meta) - 8           # only the missing rows are decoded
+    assert (folder / "images.u8").read_bytes() == (whole.directory / "images.u8").read_bytes()
+    assert resumed.names == whole.names and not resumed.excluded
+    assert not (folder / PROGRESS).exists()
+
+
+def test_corrupt_png_is_excluded_and_reported(tmp_path, caplog):
+    root = write_tiny_nih(tmp_path / "nih", num_patients=6, images_per_patient=2)
+    meta = fedxray.load_nih(root)
+    bad = meta.image[3]
+    with open(meta.path[3], "r+b") as f:                      # truncate: a corrupt download
+        f.truncate(40)
+    cache = build_image_cache(meta, SIZE, tmp_path / "cache", num_workers=2, progress=False)
+    assert list(cache.excluded) == [bad] and "cannot decode" in cache.excluded[bad]
+    assert bad in caplog.text and "1 undecodable" in cache.summary()
+    index = json.loads((cache.directory / INDEX).read_text())
+    assert list(index["excluded"]) == [bad]
+    assert bad not in cache.usable(meta).image.tolist() and len(cache.usable(meta)) == len(meta) - 1
+    with pytest.raises(DataError, match="excluded"):
+        CachedImageDataset(cache, meta)
+
+    splits = fedxray.split_by_patient(meta, val_fraction=0.2, seed=0, test_fraction=0.25)
+    cfg = Config(num_clients=2, image_size=SIZE, weights=None, image_cache=True, progress=False,
+                 cache_dir=str(tmp_path / "cache"))
+    run = FederatedRun(cfg, splits["train"], splits["val"], splits["test"], tmp_path / "run")
+    assert run.info["excluded_images"] == [bad]
+    held = sum(run.info["client_examples"]) + run.info["val_examples"] + run.info["test_examples"]
+    assert held == len(meta) - 1
+
+
+def test_stale_cache_is_not_reused(tiny_meta, tmp_path):
+    first = build_image_cache(tiny_meta, SIZE, tmp_path, num_workers=0, progress=False)
+    assert build_image_cache(tiny_meta.iloc[::2], SIZE, tmp_path, progress=False).directory == first.directory
+    other_size = build_image_cache(tiny_meta, SIZE + 8, tmp_path, num_workers=0, progress=False)
+    assert other_size.directory != first.directory and other_size.image_size == SIZE + 8
+    moved = tiny_meta.copy()
+    moved.loc[0, "path"] = tiny_meta.path[1]                  # the same name, another file
+    assert build_image_cache(moved, SIZE, tmp_path, num_workers=0, progress=False).directory != first.directory
+    extra = pd.concat([tiny_meta, tiny_meta.iloc[:1].assign(image="extra.png")])
+    assert build_image_cache(extra, SIZE, tmp_path, num_workers=0, progress=False).directory != first.directory
+
+
+def test_feature_cache_is_tied_to_the_trunk_and_reused_from_disk(tiny_meta, tmp_path):
+    tiny_meta = tiny_meta.iloc[:12]
+    images = build_image_cache(tiny_meta, SIZE, tmp_path, num_workers=0, progress=False).dataset(tiny_meta)
+    torch.manual_seed(0)
+    model = fedxray.build_model(weights=None)
+    feats = build_feature_cache(model, images, "cpu", batch_size=16, placement="disk", progress=False)
+    assert feats.placement == "disk" and feats.features.shape == (len(tiny_meta), 256, SIZE // 16, SIZE // 16)
+    x = torch.stack([fedxray.NIHDataset(tiny_meta, SIZE)[i][0] for i in (2, 9)])
+    torch.testing.assert_close(torch.from_numpy(feats.features[[2, 9]]).float(), model.trunk(x),
+                               rtol=2e-3, atol=2e-3)           # fp16 storage
+    stamp = os.stat(feats.path).st_mtime_ns
+    again = build_feature_cache(model, images, "cpu", batch_size=16, placement="disk", progress=False)
+    assert again.path == feats.path and os.stat(again.path).st_mtime_ns == stamp   # reused, not recomputed
+    ds = feats.dataset(tiny_meta.iloc[[4, 1]])
+    xb, yb = ds.batch(torch.tensor([1, 0]))
+    assert torch.equal(xb[0], ds[1][0]) and torch.equal(yb[1], ds[0][1])
+
+    feats.check(model)
+    with torch.no_grad():
+        model.layer3[0].conv1.weight.add_(0.1)
+    with pytest.raises(ValueError, match="trunk differs"):
+        feats.check(model)
+    assert build_feature_cache(model, images, "cpu", placement="disk", progress=False).path != feats.path
+
+
+# ------------------------------------------------------------------ whole runs against the PNG path
+# SGD, not Adam: Adam divides each step by sqrt(v), so a 1e-7 difference on a near-zero gradient
+# (layer4's BN biases here) can become a whole lr-sized step; SGD keeps differences proportional.
+
+def _config(tmp_path, **kw):
+    base = dict(num_clients=2, num_rounds=2, batch_size=8, lr=1e-2, optimizer="sgd", image_size=SIZE,
+                weights=None, preload=True, progress=False, eval_batch_size=64, seed=0,
+                cache_dir=str(tmp_path / "cache"))
+    return Config(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_nih, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cache_runs")
+    splits = fedxray.split_by_patient(fedxray.load_nih(tiny_nih), val_fraction=0.2, seed=0, test_fraction=0.25)
+    variants = {"png": {}, "images": dict(image_cache=True),
+                "features32": dict(feature_cache=True, feature_dtype="float32"),
+                "features16": dict(feature_cache=True, feature_dtype="float16")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)      # 4 runs; every variant sees the same arithmetic either way
+    try:
+        return {name: run_federated(_config(tmp, **kw), splits, tmp / name) for name, kw in variants.items()}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _layer4_fc(result):
+    return {k: v for k, v in result.model.state_dict().items() if k.startswith(("layer4.", "fc."))}
+
+
+def test_image_cache_run_is_bitwise_identical(runs):
+    pd.testing.assert_frame_equal(runs["png"].history, runs["images"].history)
+    a, b = _layer4_fc(runs["png"]), _layer4_fc(runs["images"])
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert "image_cache" in runs["images"].info and "feature_cache" not in runs["images"].info
+
+
+def _differences(ref, got) -> pd.DataFrame:
+    both = ref.history.merge(got.history, on=["round", "split", "client", "metric"])
+    assert len(both) == len(ref.history) == len(got.history)
+    return both.assign(diff=(both.value_x - both.value_y).abs()).groupby("metric")["diff"].max()
+
+
+def test_fp32_feature_cache_run_matches_the_png_path(runs):
+    """Only the trunk's batching differs (64 images at a time vs 8): ~1e-6 relative in layer3."""
+    ref, got = runs["png"], runs["features32"]
+    assert got.info["feature_cache"] == "disk"                # a CPU run memory-maps its features
+    a, b = _layer4_fc(ref), _layer4_fc(got)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4, msg=k)
+    diff = _differences(ref, got)
+    assert diff[["loss", "train_loss"]].max() <= 1e-5 and diff["mean_auroc"] <= 1e-6
+
+
+def test_fp16_feature_cache_run_stays_within_mixed_precision_noise(runs):
+    """fp16 storage rounds layer3's output to 2^-11 relative. On this tiny, random-weight run that
+    moves losses by ~7e-4 and AUROC by ~0.03; bf16 autocast alone (the GPU default) moves the
+    same uncached run by 3.4e-3 and 0.043. The bounds below are those of autocast."""
+    diff = _differences(runs["png"], runs["features16"])
+    assert diff[["loss", "train_loss"]].max() <= 3.5e-3 and diff["mean_auroc"] <= 0.05
+
+
+def test_config_rejects_unknown_feature_dtype():
+    with pytest.raises(ValueError, match="feature_dtype"):
+        Config(feature_dtype="int8")
+
+
+def test_bench_smoke_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "fedxray.bench", "--smoke", "--out", str(out),
+                           "--workdir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert {"machine", "throughput", "build", "decode", "federated", "host_peak_rss_bytes",
+            "speedup_vs_naive", "sweep"} <= set(result)
+    assert {"image_cache", "feature_cache"} <= set(result["throughput"])
+    assert any(k.startswith("naive_") for k in result["throughput"])
+    assert all(v["images_per_s"] > 0 for v in result["throughput"].values())
+    assert "images/s" in proc.stdout and "federated run" in proc.stdout
