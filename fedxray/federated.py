@@ -17,7 +17,7 @@ from torch import nn
 
 from .aggregation import fedavg, state_nbytes
 from .cache import build_feature_cache, build_image_cache
-from .client import Client, autocast, batches, derive_seed, is_feature_data, to_input
+from .client import Client, ClientUpdate, autocast, batches, derive_seed, is_feature_data, to_input
 from .config import Config
 from .data import LABELS, NIHDataset
 from .io import atomic_write, atomic_write_text
@@ -108,6 +108,58 @@ def metric_rows(round_num: int, split: str, client, probs: np.ndarray, labels: n
     return rows
 
 
+def train_rows(round_num: int, client_ids: Sequence[int], updates: Sequence[ClientUpdate],
+               sent_state: dict[str, torch.Tensor]) -> list[dict]:
+    """A round's training and communication rows: each client's loss and examples, their
+    example-weighted mean loss, and the bytes the server sent (sent_state to every sampled
+    client) and received (their updates)."""
+    r = round_num
+    rows = [dict(round=r, split="train", client=str(k), metric="train_loss", value=u.train_loss)
+            for k, u in zip(client_ids, updates)]
+    rows += [dict(round=r, split="train", client=str(k), metric="num_examples", value=float(u.num_examples))
+             for k, u in zip(client_ids, updates)]
+    n = sum(u.num_examples for u in updates)
+    rows.append(dict(round=r, split="train", client="all", metric="train_loss",
+                     value=sum(u.train_loss * u.num_examples for u in updates) / n))
+    rows.append(dict(round=r, split="comm", client="server", metric="bytes_sent",
+                     value=float(state_nbytes(sent_state) * len(client_ids))))
+    rows.append(dict(round=r, split="comm", client="server", metric="bytes_received",
+                     value=float(sum(state_nbytes(u.state) for u in updates))))
+    return rows
+
+
+def run_info(model: ChestXrayResNet, device: torch.device, amp_dtype: Optional[torch.dtype],
+             exchanged: dict[str, torch.Tensor], **extra) -> dict:
+    """What a run actually used (weights, device, precision, versions, sizes), for run_info.json."""
+    return {
+        "weights_source": model.weights_source, "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
+        "torch": str(torch.__version__), "python": platform.python_version(),
+        "exchanged_keys": len(exchanged), "exchanged_bytes": state_nbytes(exchanged), **extra,
+    }
+
+
+def save_checkpoint(output_dir: Path, round_num: int, global_state: dict[str, torch.Tensor],
+                    local_states: dict[int, dict], rows: list[dict], config: Config, info: dict) -> None:
+    """history.csv, then checkpoint.pt, each atomically: the checkpoint names the last complete round."""
+    hist = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
+    atomic_write(output_dir / HISTORY, lambda tmp: hist.to_csv(tmp, index=False))
+    ckpt = {
+        "round": round_num, "global_state": {k: v.cpu() for k, v in global_state.items()},
+        "local_states": local_states, "history": rows, "config": config.to_dict(), "info": info,
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
+    }
+    atomic_write(output_dir / CHECKPOINT, lambda tmp: torch.save(ckpt, tmp))
+
+
+def save_final_model(output_dir: Path, model: nn.Module, config: Config, info: dict) -> None:
+    """final_model.pt: the whole state dict with the labels, config and run info."""
+    payload = {"state_dict": model.state_dict(), "labels": list(LABELS), "config": config.to_dict(),
+               "info": info}
+    atomic_write(output_dir / FINAL_MODEL, lambda tmp: torch.save(payload, tmp))
+
+
 class FederatedRun:
     """One federated experiment: config, data, clients, a global model, and its history on disk."""
 
@@ -148,15 +200,10 @@ class FederatedRun:
         self.global_state = get_state(self.model, self.keys)
         self.rows: list[dict] = []
         self.round = 0
-        self.info = {
-            "weights_source": self.model.weights_source, "device": str(self.device),
-            "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
-            "amp_dtype": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
-            "torch": torch.__version__, "python": platform.python_version(),
-            "exchanged_keys": len(self.keys), "exchanged_bytes": state_nbytes(self.global_state),
-            "client_examples": [len(cl.dataset) for cl in self.clients],
-            "val_examples": len(self.val_data), "test_examples": len(self.test_data),
-        }
+        self.info = run_info(
+            self.model, self.device, self.amp_dtype, self.global_state,
+            client_examples=[len(cl.dataset) for cl in self.clients],
+            val_examples=len(self.val_data), test_examples=len(self.test_data))
         if self.image_cache is not None:
             self.info.update(image_cache=str(self.image_cache.directory),
                              excluded_images=sorted(self.image_cache.excluded))
@@ -239,18 +286,9 @@ class FederatedRun:
         updates = []
         for k in tqdm(chosen, desc=f"round {r} clients", leave=False, disable=not progress):
             updates.append(self.clients[k].fit(self.global_state, round_num=r))
+        sent = self.global_state
         self.global_state = fedavg([u.state for u in updates], [u.num_examples for u in updates])
-        rows = [dict(round=r, split="train", client=str(k), metric="train_loss", value=u.train_loss)
-                for k, u in zip(chosen, updates)]
-        rows += [dict(round=r, split="train", client=str(k), metric="num_examples", value=float(u.num_examples))
-                 for k, u in zip(chosen, updates)]
-        n = sum(u.num_examples for u in updates)
-        rows.append(dict(round=r, split="train", client="all", metric="train_loss",
-                         value=sum(u.train_loss * u.num_examples for u in updates) / n))
-        nbytes = state_nbytes(self.global_state)
-        rows.append(dict(round=r, split="comm", client="server", metric="bytes_sent", value=float(nbytes * len(chosen))))
-        rows.append(dict(round=r, split="comm", client="server", metric="bytes_received",
-                         value=float(sum(state_nbytes(u.state) for u in updates))))
+        rows = train_rows(r, chosen, updates, sent)
         rows += self.evaluate(r, "val")
         if c.test_every_round or r == c.num_rounds:
             rows += self.evaluate(r, "test")
@@ -268,16 +306,8 @@ class FederatedRun:
 
     # ------------------------------------------------------------------ persistence
     def _save_checkpoint(self) -> None:
-        """History, then checkpoint, each atomically: the checkpoint names the last complete round."""
-        hist = self.history()
-        atomic_write(self.output_dir / HISTORY, lambda tmp: hist.to_csv(tmp, index=False))
-        ckpt = {
-            "round": self.round, "global_state": self.global_state,
-            "local_states": {cl.client_id: cl.local_state for cl in self.clients},
-            "history": self.rows, "config": self.config.to_dict(), "info": self.info,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
-        }
-        atomic_write(self.output_dir / CHECKPOINT, lambda tmp: torch.save(ckpt, tmp))
+        save_checkpoint(self.output_dir, self.round, self.global_state,
+                        {cl.client_id: cl.local_state for cl in self.clients}, self.rows, self.config, self.info)
 
     def _load_checkpoint(self) -> None:
         path = self.output_dir / CHECKPOINT
@@ -301,9 +331,7 @@ class FederatedRun:
         log.info("resuming %s after round %d of %d", self.output_dir, self.round, self.config.num_rounds)
 
     def _save_final(self) -> None:
-        payload = {"state_dict": self.model.state_dict(), "labels": list(LABELS),
-                   "config": self.config.to_dict(), "info": self.info}
-        atomic_write(self.output_dir / FINAL_MODEL, lambda tmp: torch.save(payload, tmp))
+        save_final_model(self.output_dir, self.model, self.config, self.info)
 
 
 def run_federated(config: Config, splits: dict[str, pd.DataFrame], output_dir: str | Path,

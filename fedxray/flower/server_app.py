@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from ..aggregation import state_nbytes
 from ..client import ClientUpdate
 from ..config import Config
 from ..data import LABELS, NIHDataset, load_nih
 from ..federated import (CHECKPOINT, CONFIG, FINAL_MODEL, HISTORY, HISTORY_COLUMNS, RUN_INFO,
-                         metric_rows, predict)
-from ..io import atomic_write, atomic_write_text
+                         metric_rows, predict, run_info, save_checkpoint, save_final_model, train_rows)
+from ..io import atomic_write_text
 from ..model import build_model, exchanged_keys, get_state
 from .records import TRUNK_DIGEST, to_record, to_state, trunk_digest
 from .runconfig import check_supported, config_from_run_config, server_paths
@@ -53,16 +50,10 @@ class ServerRun:
         self.test_data = NIHDataset(load_nih(test_dir), c.image_size, preload=c.preload)
         self.rows: list[dict] = []
         self.round = 0
-        self.info = {
-            "weights_source": self.model.weights_source, "device": str(self.device),
-            "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
-            "amp_dtype": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
-            "torch": torch.__version__, "python": platform.python_version(),
-            "exchanged_keys": len(self.keys), "exchanged_bytes": state_nbytes(self.global_state),
-            "client_examples": [], "val_examples": len(self.val_data), "test_examples": len(self.test_data),
-            "engine": "flower", "flwr": _flwr_version(),
-            "exchanged_record_bytes": to_record(self.global_state).count_bytes(),
-        }
+        self.info = run_info(
+            self.model, self.device, self.amp_dtype, self.global_state, client_examples=[],
+            val_examples=len(self.val_data), test_examples=len(self.test_data), engine="flower",
+            flwr=_flwr_version(), exchanged_record_bytes=to_record(self.global_state).count_bytes())
 
     def start(self, client_examples: dict[int, int]) -> None:
         """Write config.json and run_info.json (the examples each client holds, by client id)."""
@@ -75,18 +66,7 @@ class ServerRun:
 
     def record_train(self, r: int, client_ids: list[int], updates: list[ClientUpdate]) -> None:
         """The round's training and communication rows, as FederatedRun writes them."""
-        rows = [dict(round=r, split="train", client=str(k), metric="train_loss", value=u.train_loss)
-                for k, u in zip(client_ids, updates)]
-        rows += [dict(round=r, split="train", client=str(k), metric="num_examples", value=float(u.num_examples))
-                 for k, u in zip(client_ids, updates)]
-        n = sum(u.num_examples for u in updates)
-        rows.append(dict(round=r, split="train", client="all", metric="train_loss",
-                         value=sum(u.train_loss * u.num_examples for u in updates) / n))
-        nbytes = state_nbytes(self.global_state)   # the state sent this round, before aggregation
-        rows.append(dict(round=r, split="comm", client="server", metric="bytes_sent",
-                         value=float(nbytes * len(client_ids))))
-        rows.append(dict(round=r, split="comm", client="server", metric="bytes_received",
-                         value=float(sum(state_nbytes(u.state) for u in updates))))
+        rows = train_rows(r, client_ids, updates, self.global_state)   # sent: before aggregation
         self.rows += rows
 
     def evaluate(self, split: str) -> list[dict]:
@@ -116,21 +96,12 @@ class ServerRun:
 
     def save_checkpoint(self) -> None:
         """History, then checkpoint, each atomically, in FederatedRun's format."""
-        hist = self.history()
-        atomic_write(self.output_dir / HISTORY, lambda tmp: hist.to_csv(tmp, index=False))
-        ckpt = {
-            "round": self.round, "global_state": {k: v.cpu() for k, v in self.global_state.items()},
-            "local_states": {k: {} for k in range(self.config.num_clients)},
-            "history": self.rows, "config": self.config.to_dict(), "info": self.info,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
-        }
-        atomic_write(self.output_dir / CHECKPOINT, lambda tmp: torch.save(ckpt, tmp))
+        save_checkpoint(self.output_dir, self.round, self.global_state,
+                        {k: {} for k in range(self.config.num_clients)}, self.rows, self.config, self.info)
 
     def save_final(self) -> None:
         self.model.load_state_dict(self.global_state, strict=False)
-        payload = {"state_dict": self.model.state_dict(), "labels": list(LABELS),
-                   "config": self.config.to_dict(), "info": self.info}
-        atomic_write(self.output_dir / FINAL_MODEL, lambda tmp: torch.save(payload, tmp))
+        save_final_model(self.output_dir, self.model, self.config, self.info)
 
 
 def _flwr_version() -> str:
