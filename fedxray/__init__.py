@@ -2,12 +2,21 @@
 from .data import (LABELS, DataError, ImageDecodeError, NIHDataset, attach_paths, find_csv,
                    index_images, label_matrix, load_gray, load_nih, read_metadata, split_by_patient)
 from .aggregation import fedavg, state_nbytes
+from .demo import is_demo_dataset, make_demo_dataset
 from .metrics import auroc_per_finding, mean_auroc
 from .partition import client_finding_table, label_skew, partition
-
 from .model import EXCHANGED_PREFIXES, build_model
 from .client import Client, ClientUpdate, NonFiniteLossError
 from .config import Config
 from .federated import RunResult, run_centralized, run_federated, run_local_only
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "LABELS", "DataError", "ImageDecodeError", "NIHDataset", "attach_paths", "find_csv", "index_images",
+    "label_matrix", "load_gray", "load_nih", "read_metadata", "split_by_patient",
+    "fedavg", "state_nbytes", "is_demo_dataset", "make_demo_dataset", "auroc_per_finding", "mean_auroc",
+    "client_finding_table", "label_skew", "partition", "EXCHANGED_PREFIXES", "build_model",
+    "Client", "ClientUpdate", "NonFiniteLossError", "Config", "RunResult", "run_centralized",
+    "run_federated", "run_local_only",
+]

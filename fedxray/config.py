@@ -18,11 +18,14 @@ RUNTIME_FIELDS = ("device", "num_workers", "progress", "image_cache", "cache_dir
 FEATURE_DTYPES = ("float16", "float32")
 
 # The notebook's None parameters resolve to these, by dataset. NIH: 224 px is what the ImageNet
-# weights saw; test AUROC only after the last round (25,596 test images). Demo: small images so a
-# CPU run takes minutes; its test set is small enough to score every round.
+# weights saw; PNGs decoded once into the image cache; test AUROC only after the last round
+# (25,596 test images). Demo: small images and cached trunk features, so that the notebook with
+# its two baselines runs in minutes on a CPU; its test set is small enough to score every round.
 DATASET_DEFAULTS = {
-    "nih": {"image_size": 224, "num_rounds": 10, "test_every_round": False},
-    "demo": {"image_size": 64, "num_rounds": 8, "test_every_round": True},
+    "nih": {"image_size": 224, "num_rounds": 10, "test_every_round": False,
+            "image_cache": True, "feature_cache": False},
+    "demo": {"image_size": 64, "num_rounds": 5, "test_every_round": True,
+             "image_cache": True, "feature_cache": True},
 }
 
 
@@ -82,9 +85,19 @@ class Config:
         need(self.feature_dtype in FEATURE_DTYPES,
              f"feature_dtype must be one of {FEATURE_DTYPES}, got {self.feature_dtype!r}")
         need(self.partition in PARTITIONS, f"partition must be one of {PARTITIONS}, got {self.partition!r}")
-        need(self.max_images is None or self.max_images >= 1, f"max_images must be >= 1 or None")
+        need(self.max_images is None or self.max_images >= 1, "max_images must be >= 1 or None")
         need(self.image_size >= 64, f"image_size must be >= 64: ResNet-34 downsamples 32x and layer4's "
              f"BatchNorm needs more than one value per channel, got {self.image_size}")
+
+    @classmethod
+    def for_dataset(cls, dataset: str, **fields: Any) -> "Config":
+        """A Config for "nih" or "demo" whose fields in DATASET_DEFAULTS take the dataset's
+        default when given as None (the notebook's parameters cell)."""
+        if dataset not in DATASET_DEFAULTS:
+            raise ValueError(f"dataset must be one of {sorted(DATASET_DEFAULTS)}, got {dataset!r}")
+        defaults = DATASET_DEFAULTS[dataset]
+        chosen = {k: v for k, v in fields.items() if v is not None or k not in defaults}
+        return cls(**{**defaults, **chosen})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

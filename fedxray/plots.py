@@ -1,0 +1,146 @@
+"""Figures for the notebook and the report, drawn from the long-format history tables."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+
+from .data import LABELS
+from .io import atomic_write
+
+
+def _plt():
+    import matplotlib.pyplot as plt   # lazily: `import fedxray` stays free of matplotlib
+    return plt
+
+
+def save_figure(fig, out_dir: str | Path, name: str, dpi: int = 150) -> list[Path]:
+    """Write name.png (dpi) and name.pdf under out_dir, each atomically."""
+    out = []
+    for fmt in ("png", "pdf"):
+        path = Path(out_dir) / f"{name}.{fmt}"
+        atomic_write(path, lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight"))
+        out.append(path)
+    return out
+
+
+def final_test_auroc(history: pd.DataFrame, client: str = "global") -> pd.Series:
+    """Per-finding test AUROC of the last evaluated round, indexed by finding name."""
+    h = history[(history["split"] == "test") & (history["client"].astype(str) == client)]
+    if h.empty:
+        raise ValueError(f"no test rows for client {client!r} in the history")
+    last = h[h["round"] == h["round"].max()]
+    per = last.set_index("metric")["value"]
+    return pd.Series([per.get(f"auroc_{n}", np.nan) for n in LABELS], index=list(LABELS), dtype=float)
+
+
+def auroc_table(histories: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """Findings x methods table of final test AUROC, with a 'mean' row over scorable findings.
+
+    A history whose 'client' column holds several client ids (the local-only baseline) gives one
+    column per client plus their mean per finding."""
+    cols = {}
+    for name, h in histories.items():
+        clients = sorted(set(h.loc[h["split"] == "test", "client"].astype(str)))
+        if clients == ["global"] or "global" in clients:
+            cols[name] = final_test_auroc(h)
+        else:
+            per = pd.concat({c: final_test_auroc(h, c) for c in clients}, axis=1)
+            cols[f"{name} (mean of {len(clients)})"] = per.mean(axis=1)
+    table = pd.DataFrame(cols)
+    table.loc["mean"] = table.mean(axis=0, skipna=True)
+    return table
+
+
+def plot_prevalence(frame: pd.DataFrame, title: str = "Finding prevalence"):
+    plt = _plt()
+    prev = frame.loc[:, list(LABELS)].mean(axis=0).sort_values()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.barh(prev.index, 100 * prev.to_numpy(), color="tab:blue")
+    ax.set_xlabel("images with the finding (%)")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_partition_heatmap(table: pd.DataFrame, title: str = "Findings per client"):
+    """Heatmap of a clients x findings count table (fedxray.client_finding_table)."""
+    plt = _plt()
+    cols = [c for c in table.columns if c in LABELS or c == "No Finding"]
+    counts = table[cols].to_numpy(dtype=float)
+    share = counts / np.maximum(counts.sum(axis=0, keepdims=True), 1)   # each finding's spread
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(cols), 1.2 + 0.45 * len(table)))
+    im = ax.imshow(share, cmap="viridis", aspect="auto", vmin=0, vmax=1)
+    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right")
+    ax.set_yticks(range(len(table)), [f"client {i} ({int(n)} img)" for i, n in zip(table.index, table["images"])])
+    for i in range(counts.shape[0]):
+        for j in range(counts.shape[1]):
+            ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=7,
+                    color="white" if share[i, j] < 0.5 else "black")
+    fig.colorbar(im, ax=ax, label="share of the finding's images")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_loss_curves(history: pd.DataFrame, title: str = "Loss per round"):
+    """Client training loss (thin lines, and their example-weighted mean) and the global model's
+    validation loss per round, as the original notebook shows."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    train = history[(history["split"] == "train") & (history["metric"] == "train_loss")]
+    for client, g in train[train["client"] != "all"].groupby("client"):
+        ax.plot(g["round"], g["value"], color="tab:blue", alpha=0.3, lw=1, marker=".")
+    pooled = train[train["client"] == "all"]
+    ax.plot(pooled["round"], pooled["value"], color="tab:blue", lw=2, marker="o",
+            label="client training loss (thin: each client; thick: weighted mean)")
+    val = history[(history["split"] == "val") & (history["metric"] == "loss") & (history["client"] == "global")]
+    ax.plot(val["round"], val["value"], color="tab:orange", lw=2, marker="s", label="global model, validation loss")
+    ax.set_xlabel("round (0 = before training)")
+    ax.set_ylabel("binary cross-entropy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_mean_auroc(histories: Mapping[str, pd.DataFrame], title: str = "Mean AUROC per round"):
+    """Mean AUROC over findings per round, validation (dashed) and test (solid), one colour per run."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for color, (name, h) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], histories.items()):
+        for split, style in (("val", "--"), ("test", "-")):
+            g = h[(h["split"] == split) & (h["metric"] == "mean_auroc") & (h["client"] == "global")]
+            if len(g):
+                ax.plot(g["round"], g["value"], style, color=color, marker="o", ms=3, label=f"{name} ({split})")
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("round (0 = before training)")
+    ax.set_ylabel("mean AUROC over findings")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_auroc_bars(table: pd.DataFrame, title: str = "Test AUROC per finding"):
+    """Grouped bars of a findings x methods table (auroc_table)."""
+    plt = _plt()
+    t = table.drop(index="mean", errors="ignore")
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / max(len(t.columns), 1)
+    x = np.arange(len(t))
+    for i, col in enumerate(t.columns):
+        mean = table.loc["mean", col] if "mean" in table.index else np.nan
+        ax.bar(x + (i - (len(t.columns) - 1) / 2) * width, t[col], width, label=f"{col} (mean {mean:.3f})")
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xticks(x, t.index, rotation=45, ha="right")
+    ax.set_ylim(0.3, 1.0)
+    ax.set_ylabel("test AUROC")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
