@@ -119,6 +119,14 @@ def build_model(num_classes: int = 14, weights: str | os.PathLike | None = "auto
     return torch_model
 
 
+def resolved_weights(source: str) -> str | None:
+    """The `weights` argument that rebuilds what a model's weights_source says was used, so that
+    later runs (baselines) need not resolve "auto" again: "imagenet", a file path, or None."""
+    if source.startswith("file:"):
+        return source[len("file:"):]
+    return "imagenet" if source == "imagenet" else None
+
+
 def _auto_state():
     try:
         return _imagenet_state(), "imagenet"

@@ -3,7 +3,7 @@ fedxray's Client, fedavg and metrics, for hospitals that each keep their images 
 
 Importing this package does not import flwr (the helpers below work without it); the apps live in
 fedxray.flower.server_app and fedxray.flower.client_app, which need `pip install -e ".[flower]"`.
-The Flower App that `flwr run` submits is the folder APP_DIR. See docs/flower.md.
+The Flower App that `flwr run` submits is the folder APP_DIR. See README.md, "Beyond one machine: Flower".
 """
 from .folders import write_client_folders, write_nih_folder
 from .runconfig import (APP_DIR, CLIENT_ID, DATA_DIR, SERVER_KEYS, config_from_run_config,
