@@ -85,6 +85,17 @@ def plot_partition_heatmap(table: pd.DataFrame, title: str = "Findings per clien
     return fig
 
 
+def _per_round_axes(fig, ax, ylabel: str, title: str):
+    """The shared frame of the per-round curves: labels, title, grid, legend."""
+    ax.set_xlabel("round (0 = before training)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def plot_loss_curves(history: pd.DataFrame, title: str = "Loss per round"):
     """Client training loss (thin lines, and their example-weighted mean) and the global model's
     validation loss per round, as the original notebook shows."""
@@ -98,13 +109,7 @@ def plot_loss_curves(history: pd.DataFrame, title: str = "Loss per round"):
             label="client training loss (thin: each client; thick: weighted mean)")
     val = history[(history["split"] == "val") & (history["metric"] == "loss") & (history["client"] == "global")]
     ax.plot(val["round"], val["value"], color="tab:orange", lw=2, marker="s", label="global model, validation loss")
-    ax.set_xlabel("round (0 = before training)")
-    ax.set_ylabel("binary cross-entropy")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _per_round_axes(fig, ax, "binary cross-entropy", title)
 
 
 def plot_mean_auroc(histories: Mapping[str, pd.DataFrame], title: str = "Mean AUROC per round"):
@@ -117,13 +122,7 @@ def plot_mean_auroc(histories: Mapping[str, pd.DataFrame], title: str = "Mean AU
             if len(g):
                 ax.plot(g["round"], g["value"], style, color=color, marker="o", ms=3, label=f"{name} ({split})")
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("round (0 = before training)")
-    ax.set_ylabel("mean AUROC over findings")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _per_round_axes(fig, ax, "mean AUROC over findings", title)
 
 
 def plot_auroc_bars(table: pd.DataFrame, title: str = "Test AUROC per finding"):
