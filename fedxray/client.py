@@ -136,24 +136,27 @@ class Client:
         gen = torch.Generator().manual_seed(derive_seed(self.seed, round_num, self.client_id))
         loader = batches(self.dataset, self.batch_size, self.device, shuffle=True, generator=gen,
                          num_workers=self.num_workers)
-        total, seen = 0.0, 0
-        for _ in range(self.local_epochs):
+        # The loss sum stays on the device (float64) and is checked once per epoch: a per-step
+        # .item() or isfinite() would make the CPU wait for the GPU after every batch.
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        seen = 0
+        for epoch in range(self.local_epochs):
             for x, y in loader:
                 x = to_input(x, self.device, self.amp_dtype)
                 y = y.to(self.device, non_blocking=True)
                 with autocast(self.device, self.amp_dtype):
                     loss = loss_fn(forward(x).float(), y)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"client {self.client_id}, round {round_num}: training loss is {loss.item()} "
-                        f"after {seen} examples; lower lr (now {self.lr}) or turn off mixed precision")
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
                 scaler.update()
-                total += loss.item() * len(y)   # mean loss of the batch, weighted by its size
+                total += loss.detach().double() * len(y)   # mean loss of the batch, weighted by its size
                 seen += len(y)
+            if not torch.isfinite(total):
+                raise NonFiniteLossError(
+                    f"client {self.client_id}, round {round_num}: training loss became {total.item()} in "
+                    f"local epoch {epoch + 1}; lower lr (now {self.lr}) or turn off mixed precision")
         if self.local_state:
             self.local_state = get_state(model, self.local_state)
         return ClientUpdate(state=get_state(model, self.keys), num_examples=len(self.dataset),
-                            train_loss=total / seen)
+                            train_loss=total.item() / seen)
