@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from .client import autocast, to_input
 from .data import LABELS, DataError, ImageDecodeError, label_matrix, load_gray
 from .io import atomic_write, atomic_write_text
-from .model import EXCHANGED_PREFIXES
+from .model import trunk_digest
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,14 @@ def _digest(*parts) -> str:
         h.update(str(p).encode())
         h.update(b"\0")
     return h.hexdigest()[:16]
+
+
+def _rows(row: dict[str, int], names: Sequence[str], missing_means: str) -> np.ndarray:
+    """Row of each name in a cache; an error counts and names the first images it lacks."""
+    missing = [n for n in names if n not in row]
+    if missing:
+        raise KeyError(f"{len(missing)} image(s) {missing_means} (first: {missing[:3]})")
+    return np.fromiter((row[n] for n in names), np.int64, count=len(names))
 
 
 # --------------------------------------------------------------------------- image cache
@@ -114,11 +122,8 @@ class ImageCache:
 
     def rows(self, names: Sequence[str]) -> np.ndarray:
         """Row of each name; an error names the images this cache does not hold."""
-        missing = [n for n in names if n not in self._row]
-        if missing:
-            raise KeyError(f"{len(missing)} image(s) not in the image cache {self.directory} "
-                           f"(first: {missing[:3]}); build the cache over these images")
-        return np.fromiter((self._row[n] for n in names), np.int64, count=len(names))
+        return _rows(self._row, names, f"not in the image cache {self.directory}; build the cache "
+                                       f"over these images")
 
     def usable(self, frame: pd.DataFrame) -> pd.DataFrame:
         """frame without the images this cache excluded as undecodable (logged)."""
@@ -310,16 +315,6 @@ def _decode_chunk(task) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
 
 # --------------------------------------------------------------------------- feature cache
 
-def trunk_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of the frozen trunk's weights: cached features are valid for these weights only."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        if not k.startswith(EXCHANGED_PREFIXES):
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 class FeatureCache:
     """The trunk's layer3 output for every image, row i for names[i]: a tensor on the device
     (GPU-resident when it fits) or a memory-mapped file."""
@@ -329,7 +324,7 @@ class FeatureCache:
         self.features = features
         self.names = list(names)
         self.key = key
-        self.trunk = trunk             # trunk_fingerprint of the weights that computed them
+        self.trunk = trunk             # trunk_digest of the weights that computed them
         self.device = device           # where the model runs; memory-mapped batches are pinned for it
         self.path = path
         self._row = {n: i for i, n in enumerate(self.names)}
@@ -344,14 +339,11 @@ class FeatureCache:
         return f.numel() * f.element_size() if isinstance(f, torch.Tensor) else f.nbytes
 
     def rows(self, names: Sequence[str]) -> np.ndarray:
-        missing = [n for n in names if n not in self._row]
-        if missing:
-            raise KeyError(f"{len(missing)} image(s) have no cached features (first: {missing[:3]})")
-        return np.fromiter((self._row[n] for n in names), np.int64, count=len(names))
+        return _rows(self._row, names, "have no cached features")
 
     def check(self, model: torch.nn.Module) -> None:
         """Raise if model's trunk is not the one these features were computed with."""
-        if trunk_fingerprint(model) != self.trunk:
+        if trunk_digest(model) != self.trunk:
             raise ValueError("the model's trunk differs from the one the feature cache was computed "
                              "with: rebuild it with build_feature_cache(model, ...)")
 
@@ -423,7 +415,7 @@ def build_feature_cache(model, images: CachedImageDataset, device: torch.device 
     if len(set(names)) != len(names):
         raise DataError("build_feature_cache needs each image once: drop duplicated names")
     model.to(device)
-    trunk = trunk_fingerprint(model)
+    trunk = trunk_digest(model)
     key = _digest(CACHE_VERSION, images.cache.key, _digest(*names), trunk, dtype, amp_dtype)
     size = images.image_size
     probe = model.trunk(to_input(torch.zeros(1, size, size, dtype=torch.uint8), device, None))

@@ -117,6 +117,16 @@ class Client:
         # FedBN: this client's own layer4 BatchNorm state, starting from the model's initial one.
         self.local_state = get_state(model, bn_keys(model)) if bn_policy == "local" else {}
 
+    @classmethod
+    def from_config(cls, client_id: int, dataset: Dataset, model: nn.Module, config,
+                    device: torch.device) -> "Client":
+        """A Client with the local-training fields of a fedxray.Config."""
+        c = config
+        return cls(client_id, dataset, model, local_epochs=c.local_epochs, batch_size=c.batch_size, lr=c.lr,
+                   optimizer=c.optimizer, momentum=c.momentum, weight_decay=c.weight_decay, seed=c.seed,
+                   bn_policy=c.bn_policy, device=device, amp_dtype=c.resolve_amp(device),
+                   num_workers=c.num_workers)
+
     def fit(self, global_state: Mapping[str, torch.Tensor], round_num: int = 1) -> ClientUpdate:
         missing = sorted(set(self.keys) - set(global_state))
         extra = sorted(set(global_state) - set(self.keys))

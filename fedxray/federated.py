@@ -191,12 +191,8 @@ class FederatedRun:
         self.keys = exchanged_keys(self.model, c.bn_policy)
         ds = self._dataset_maker([val, test, *self.client_frames])
         self.val_data, self.test_data = ds(val), ds(test)
-        self.clients = [
-            Client(k, ds(f), self.model, local_epochs=c.local_epochs, batch_size=c.batch_size, lr=c.lr,
-                   optimizer=c.optimizer, momentum=c.momentum, weight_decay=c.weight_decay, seed=c.seed,
-                   bn_policy=c.bn_policy, device=self.device, amp_dtype=self.amp_dtype,
-                   num_workers=c.num_workers)
-            for k, f in enumerate(self.client_frames)]
+        self.clients = [Client.from_config(k, ds(f), self.model, c, self.device)
+                        for k, f in enumerate(self.client_frames)]
         self.global_state = get_state(self.model, self.keys)
         self.rows: list[dict] = []
         self.round = 0

@@ -2,6 +2,7 @@
 layer4 + fc: the only part that is trained and exchanged."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -90,6 +91,17 @@ def get_state(model: nn.Module, keys) -> dict[str, torch.Tensor]:
     """Detached CPU copies of the named entries (a state_dict is a live reference)."""
     sd = model.state_dict()
     return {k: sd[k].detach().to("cpu", copy=True) for k in keys}
+
+
+def trunk_digest(model: nn.Module) -> str:
+    """SHA-256 of every state entry that is not exchanged (the frozen trunk). The trunk never
+    travels, so whatever depends on it (cached features, a remote hospital's model) checks this."""
+    h = hashlib.sha256()
+    for key, t in sorted(model.state_dict().items()):
+        if not key.startswith(EXCHANGED_PREFIXES):
+            h.update(key.encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

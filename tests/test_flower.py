@@ -139,7 +139,8 @@ def test_client_app_replies_with_exactly_the_exchanged_keys(tiny_splits, tmp_pat
     from flwr.app import ConfigRecord, Context, RecordDict
 
     from fedxray.flower import client_app
-    from fedxray.flower.records import check_trunk, to_record, trunk_digest
+    from fedxray.flower.records import check_trunk, to_record
+    from fedxray.model import trunk_digest
 
     dirs = write_client_folders(_frames(tiny_splits), tmp_path / "sites")
     config = Config(**TINY)

@@ -42,10 +42,8 @@ def make_client(config: Config, data_dir: Path, client_id: int) -> Client:
     device = c.resolve_device()
     torch.manual_seed(c.seed)   # the same random init as the server's (checked by the trunk digest)
     model = build_model(len(LABELS), c.weights).to(device)
-    client = Client(client_id, NIHDataset(_frame(data_dir), c.image_size, preload=c.preload), model,
-                    local_epochs=c.local_epochs, batch_size=c.batch_size, lr=c.lr, optimizer=c.optimizer,
-                    momentum=c.momentum, weight_decay=c.weight_decay, seed=c.seed, bn_policy=c.bn_policy,
-                    device=device, amp_dtype=c.resolve_amp(device), num_workers=c.num_workers)
+    client = Client.from_config(client_id, NIHDataset(_frame(data_dir), c.image_size, preload=c.preload),
+                                model, c, device)
     _cache.clear()
     _cache[key] = client
     return client

@@ -2,7 +2,6 @@
 ArrayRecord, a client's reply as a fedxray ClientUpdate, and a digest of the frozen trunk."""
 from __future__ import annotations
 
-import hashlib
 from typing import Mapping, Sequence
 
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
@@ -10,7 +9,7 @@ from torch import Tensor, nn
 
 from ..aggregation import fedavg
 from ..client import ClientUpdate
-from ..model import EXCHANGED_PREFIXES
+from ..model import trunk_digest
 
 # Record keys. "num-examples" is also what Flower's FedAvg weights by (its weighted_by_key).
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
@@ -62,17 +61,6 @@ def aggregate(contents: Sequence[RecordDict], keys: Sequence[str]
                              f"{sorted(set(u.state) - expected)[:3]}, missing {sorted(expected - set(u.state))[:3]}")
     state = fedavg([u.state for _, u in pairs], [u.num_examples for _, u in pairs])
     return state, pairs
-
-
-def trunk_digest(model: nn.Module) -> str:
-    """SHA-256 of every state entry that is not exchanged (the frozen trunk). The trunk never
-    travels, so server and hospitals must build the same one; this digest lets a client check."""
-    h = hashlib.sha256()
-    for key, t in sorted(model.state_dict().items()):
-        if not key.startswith(EXCHANGED_PREFIXES):
-            h.update(key.encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def check_trunk(model: nn.Module, expected: str, client_id: int) -> None:

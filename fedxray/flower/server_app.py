@@ -17,8 +17,8 @@ from ..data import LABELS, NIHDataset, load_nih
 from ..federated import (CHECKPOINT, CONFIG, FINAL_MODEL, HISTORY, HISTORY_COLUMNS, RUN_INFO,
                          metric_rows, predict, run_info, save_checkpoint, save_final_model, train_rows)
 from ..io import atomic_write_text
-from ..model import build_model, exchanged_keys, get_state
-from .records import TRUNK_DIGEST, to_record, to_state, trunk_digest
+from ..model import build_model, exchanged_keys, get_state, trunk_digest
+from .records import TRUNK_DIGEST, to_record, to_state
 from .runconfig import check_supported, config_from_run_config, server_paths
 from .strategy import FedXrayAvg
 
