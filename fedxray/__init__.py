@@ -6,8 +6,9 @@ from .demo import is_demo_dataset, make_demo_dataset
 from .metrics import auroc_per_finding, mean_auroc
 from .partition import client_finding_table, label_skew, partition
 from .model import EXCHANGED_PREFIXES, build_model
-from .client import Client, ClientUpdate, NonFiniteLossError
+from .client import Client, ClientUpdate, DivergenceError, NonFiniteLossError
 from .config import Config
+from .checkpoint import CheckpointError
 from .federated import RunResult, run_centralized, run_federated, run_local_only
 
 __version__ = "0.1.0"
@@ -17,6 +18,6 @@ __all__ = [
     "label_matrix", "load_gray", "load_nih", "read_metadata", "split_by_patient",
     "fedavg", "state_nbytes", "is_demo_dataset", "make_demo_dataset", "auroc_per_finding", "mean_auroc",
     "client_finding_table", "label_skew", "partition", "EXCHANGED_PREFIXES", "build_model",
-    "Client", "ClientUpdate", "NonFiniteLossError", "Config", "RunResult", "run_centralized",
+    "Client", "ClientUpdate", "DivergenceError", "NonFiniteLossError", "CheckpointError", "Config", "RunResult", "run_centralized",
     "run_federated", "run_local_only",
 ]

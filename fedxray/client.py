@@ -10,12 +10,27 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .data import normalize_gray
+from .data import DataError, normalize_gray
 from .model import bn_keys, exchanged_keys, get_state, trainable_parameters
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A NaN or infinite training loss; the run stops and keeps its last good checkpoint."""
+# A mean BCE per finding this high means confidently wrong logits of about +-100 on average: no
+# model that is learning gets near it (an untrained head gives 0.69), only one whose weights ran away.
+DIVERGED_LOSS = 100.0
+
+
+class DivergenceError(FloatingPointError):
+    """Training diverged (non-finite or runaway loss, weights or predictions); the run stops before
+    aggregating and keeps its last good checkpoint."""
+
+
+class NonFiniteLossError(DivergenceError):
+    """A NaN or infinite training loss."""
+
+
+def non_finite_entries(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point entries of a state holding NaN or infinity."""
+    return [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 @dataclass(frozen=True)
@@ -133,6 +148,11 @@ class Client:
         if missing or extra:
             raise KeyError(f"client {self.client_id}: global state does not match the exchanged keys "
                            f"(missing {missing[:3]}, unexpected {extra[:3]})")
+        bad = non_finite_entries(global_state)
+        if bad:
+            raise ValueError(f"client {self.client_id}, round {round_num}: the global state it received has "
+                             f"non-finite values in {len(bad)} entries (first {bad[0]!r}): the server's model is "
+                             f"corrupt, not this client's training; nothing was trained")
         model = self.model.to(self.device)
         if self.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
@@ -149,11 +169,15 @@ class Client:
         # The loss sum stays on the device (float64) and is checked once per epoch: a per-step
         # .item() or isfinite() would make the CPU wait for the GPU after every batch.
         total = torch.zeros((), dtype=torch.float64, device=self.device)
+        bad_inputs = torch.zeros((), dtype=torch.bool, device=self.device)
+        check_inputs = is_feature_data(self.dataset)
         seen = 0
         for epoch in range(self.local_epochs):
             for x, y in loader:
                 x = to_input(x, self.device, self.amp_dtype)
                 y = y.to(self.device, non_blocking=True)
+                if check_inputs:   # cached features are read back from disk: they can be damaged
+                    bad_inputs |= ~torch.isfinite(x).all()
                 with autocast(self.device, self.amp_dtype):
                     loss = loss_fn(forward(x).float(), y)
                 opt.zero_grad(set_to_none=True)
@@ -162,11 +186,33 @@ class Client:
                 scaler.update()
                 total += loss.detach().double() * len(y)   # mean loss of the batch, weighted by its size
                 seen += len(y)
+            if bool(bad_inputs):
+                where = getattr(getattr(self.dataset, "cache", None), "path", None) or "the dataset"
+                raise DataError(f"client {self.client_id}, round {round_num}: its input batches hold NaN or "
+                                 f"infinite values, read from {where}: the cached features are damaged, not "
+                                 f"the training. Delete that file to rebuild it")
             if not torch.isfinite(total):
                 raise NonFiniteLossError(
                     f"client {self.client_id}, round {round_num}: training loss became {total.item()} in "
-                    f"local epoch {epoch + 1}; lower lr (now {self.lr}) or turn off mixed precision")
+                    f"local epoch {epoch + 1}; {self._advice()}")
+        state = get_state(model, self.keys)
+        bad = non_finite_entries(state)
+        if bad:
+            raise DivergenceError(f"client {self.client_id}, round {round_num}: its weights became NaN or "
+                                  f"infinite in {len(bad)} entries (first {bad[0]!r}) with a finite loss; "
+                                  f"{self._advice()}")
+        train_loss = total.item() / seen
+        if train_loss > DIVERGED_LOSS:
+            raise DivergenceError(f"client {self.client_id}, round {round_num}: training loss {train_loss:.3g} "
+                                  f"(an untrained head gives 0.69): its weights ran away; {self._advice()}")
         if self.local_state:
             self.local_state = get_state(model, self.local_state)
-        return ClientUpdate(state=get_state(model, self.keys), num_examples=len(self.dataset),
-                            train_loss=total.item() / seen)
+        return ClientUpdate(state=state, num_examples=len(self.dataset), train_loss=train_loss)
+
+    def _advice(self) -> str:
+        tips = f"lower lr (now {self.lr}; 1e-4 is usual for a pretrained layer4 with Adam)"
+        if self.optimizer == "sgd":
+            tips += ", or use Adam"
+        if self.amp_dtype == torch.float16:
+            tips += ", or turn off mixed precision (amp='off')"
+        return tips + ", and start over (resume=False or another output_dir)"

@@ -17,22 +17,21 @@ from torch import nn
 
 from .aggregation import fedavg, state_nbytes
 from .cache import build_feature_cache, build_image_cache
-from .client import Client, ClientUpdate, autocast, batches, derive_seed, is_feature_data, to_input
+from .checkpoint import (CHECKPOINT, CONFIG, FINAL_MODEL, HISTORY, HISTORY_COLUMNS, RUN_INFO, CheckpointError,
+                         check_resume,
+                         clean_orphans, image_list_digest, load_checkpoint, restore_rng, save_checkpoint,
+                         save_final_model)
+from .client import Client, ClientUpdate, DivergenceError, autocast, batches, derive_seed, is_feature_data, to_input
 from .config import Config
 from .data import LABELS, NIHDataset
-from .io import atomic_write, atomic_write_text
+from .io import atomic_write, atomic_write_text, file_lock
 from .metrics import auroc_per_finding, mean_auroc
-from .model import ChestXrayResNet, build_model, exchanged_keys, get_state
+from .model import ChestXrayResNet, build_model, exchanged_keys, get_state, trunk_digest
 from .partition import partition
 
 log = logging.getLogger(__name__)
 
-HISTORY_COLUMNS = ["round", "split", "client", "metric", "value"]
-CHECKPOINT = "checkpoint.pt"
-HISTORY = "history.csv"
-CONFIG = "config.json"
-RUN_INFO = "run_info.json"
-FINAL_MODEL = "final_model.pt"
+RUN_LOCK = ".lock"   # held by the process running in an output folder
 _SAMPLING_STREAM = 0x5A3F   # keeps the client-sampling RNG apart from the clients' own streams
 
 
@@ -92,7 +91,12 @@ def predict(model: nn.Module, dataset, batch_size: int, device: torch.device,
     model.train()
     if not probs:
         return np.zeros((0, len(LABELS)), np.float32), np.zeros((0, len(LABELS)), np.float32)
-    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+    probs = torch.cat(probs).numpy()
+    bad = ~np.isfinite(probs).all(axis=1)
+    if bad.any():
+        raise DivergenceError(f"the model gives non-finite predictions for {int(bad.sum())} of {len(probs)} "
+                              f"images: its weights diverged. Lower lr, or use Adam instead of SGD")
+    return probs, torch.cat(labels).numpy()
 
 
 def metric_rows(round_num: int, split: str, client, probs: np.ndarray, labels: np.ndarray) -> list[dict]:
@@ -140,26 +144,6 @@ def run_info(model: ChestXrayResNet, device: torch.device, amp_dtype: Optional[t
     }
 
 
-def save_checkpoint(output_dir: Path, round_num: int, global_state: dict[str, torch.Tensor],
-                    local_states: dict[int, dict], rows: list[dict], config: Config, info: dict) -> None:
-    """history.csv, then checkpoint.pt, each atomically: the checkpoint names the last complete round."""
-    hist = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
-    atomic_write(output_dir / HISTORY, lambda tmp: hist.to_csv(tmp, index=False))
-    ckpt = {
-        "round": round_num, "global_state": {k: v.cpu() for k, v in global_state.items()},
-        "local_states": local_states, "history": rows, "config": config.to_dict(), "info": info,
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
-    }
-    atomic_write(output_dir / CHECKPOINT, lambda tmp: torch.save(ckpt, tmp))
-
-
-def save_final_model(output_dir: Path, model: nn.Module, config: Config, info: dict) -> None:
-    """final_model.pt: the whole state dict with the labels, config and run info."""
-    payload = {"state_dict": model.state_dict(), "labels": list(LABELS), "config": config.to_dict(),
-               "info": info}
-    atomic_write(output_dir / FINAL_MODEL, lambda tmp: torch.save(payload, tmp))
-
-
 class FederatedRun:
     """One federated experiment: config, data, clients, a global model, and its history on disk."""
 
@@ -196,6 +180,10 @@ class FederatedRun:
         self.global_state = get_state(self.model, self.keys)
         self.rows: list[dict] = []
         self.round = 0
+        # What identifies this run's inputs; a resume whose inputs differ is refused.
+        self.inputs = {"trunk": trunk_digest(self.model), "val": image_list_digest(val),
+                       "test": image_list_digest(test),
+                       **{f"client_{k}": image_list_digest(f) for k, f in enumerate(self.client_frames)}}
         self.info = run_info(
             self.model, self.device, self.amp_dtype, self.global_state,
             client_examples=[len(cl.dataset) for cl in self.clients],
@@ -246,8 +234,15 @@ class FederatedRun:
 
     # ------------------------------------------------------------------ rounds
     def run(self, resume: bool = True, progress: Optional[bool] = None) -> RunResult:
+        """The rounds not yet done, holding the output folder's lock (a second process running in
+        the same folder is refused, naming the first)."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with file_lock(self.output_dir / RUN_LOCK, wait=False, purpose=f"a fedxray run in {self.output_dir}"):
+            clean_orphans(self.output_dir)
+            return self._run(resume, self.config.progress if progress is None else progress)
+
+    def _run(self, resume: bool, progress: bool) -> RunResult:
         c = self.config
-        progress = c.progress if progress is None else progress
         if resume and (self.output_dir / CHECKPOINT).exists():
             self._load_checkpoint()
         else:
@@ -279,15 +274,22 @@ class FederatedRun:
         from tqdm.auto import tqdm
         c = self.config
         chosen = sample_clients(c.num_clients, c.fraction_fit, c.seed, r)
+        kept = f"the checkpoint of round {r - 1} in {self.output_dir} is kept"
         updates = []
         for k in tqdm(chosen, desc=f"round {r} clients", leave=False, disable=not progress):
-            updates.append(self.clients[k].fit(self.global_state, round_num=r))
+            try:
+                updates.append(self.clients[k].fit(self.global_state, round_num=r))
+            except DivergenceError as e:
+                raise type(e)(f"{e}; {kept}") from None
         sent = self.global_state
         self.global_state = fedavg([u.state for u in updates], [u.num_examples for u in updates])
-        rows = train_rows(r, chosen, updates, sent)
-        rows += self.evaluate(r, "val")
-        if c.test_every_round or r == c.num_rounds:
-            rows += self.evaluate(r, "test")
+        try:
+            rows = train_rows(r, chosen, updates, sent)
+            rows += self.evaluate(r, "val")
+            if c.test_every_round or r == c.num_rounds:
+                rows += self.evaluate(r, "test")
+        except DivergenceError as e:
+            raise DivergenceError(f"round {r}, the averaged model of clients {chosen}: {e}; {kept}") from None
         self.rows += rows
         self.round = r
         self._save_checkpoint()
@@ -303,31 +305,36 @@ class FederatedRun:
     # ------------------------------------------------------------------ persistence
     def _save_checkpoint(self) -> None:
         save_checkpoint(self.output_dir, self.round, self.global_state,
-                        {cl.client_id: cl.local_state for cl in self.clients}, self.rows, self.config, self.info)
+                        {cl.client_id: cl.local_state for cl in self.clients}, self.rows, self.config,
+                        self.info, self.inputs)
 
     def _load_checkpoint(self) -> None:
+        """Resume from the verified checkpoint, after checking it was written by this very
+        experiment: same config, weights, trunk and images (else CheckpointError says what changed)."""
         path = self.output_dir / CHECKPOINT
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        saved = Config.from_dict(ckpt["config"])
-        if not saved.same_experiment(self.config):
-            diff = {k: (v, getattr(self.config, k)) for k, v in saved.to_dict().items()
-                    if v != getattr(self.config, k)}
-            raise ValueError(f"{path} was written by another configuration (saved vs now: {diff}); "
-                             f"use another output_dir, or resume=False to start over")
-        if ckpt["info"]["weights_source"] != self.info["weights_source"]:
-            raise ValueError(f"{path} started from weights {ckpt['info']['weights_source']!r}, this run "
-                             f"has {self.info['weights_source']!r}; use resume=False or the same weights")
-        self.global_state = ckpt["global_state"]
+        ckpt = load_checkpoint(path)
+        check_resume(ckpt, path, self.config, self.info, self.inputs)
+        self.global_state = _checked_state(ckpt["global_state"], self.global_state, path, "global_state")
         for cl in self.clients:
-            cl.local_state = ckpt["local_states"][cl.client_id]
+            saved = ckpt["local_states"].get(cl.client_id, {})
+            cl.local_state = _checked_state(saved, cl.local_state, path, f"client {cl.client_id}'s local state")
         self.rows = ckpt["history"]
         self.round = ckpt["round"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        np.random.set_state(ckpt["rng"]["numpy"])
+        restore_rng(ckpt)
         log.info("resuming %s after round %d of %d", self.output_dir, self.round, self.config.num_rounds)
 
     def _save_final(self) -> None:
         save_final_model(self.output_dir, self.model, self.config, self.info)
+
+
+def _checked_state(saved: dict, expected: dict, path: Path, what: str) -> dict:
+    """saved, when it has exactly the keys, shapes and dtypes of expected (the model's own)."""
+    problems = [k for k in expected if k not in saved or saved[k].shape != expected[k].shape
+                or saved[k].dtype != expected[k].dtype] + [k for k in saved if k not in expected]
+    if problems:
+        raise CheckpointError(f"{path}: {what} does not fit this model (first mismatched entry {problems[0]!r}); "
+                         f"use another output_dir, or resume=False to start over")
+    return saved
 
 
 def run_federated(config: Config, splits: dict[str, pd.DataFrame], output_dir: str | Path,
@@ -352,7 +359,10 @@ def run_local_only(config: Config, splits: dict[str, pd.DataFrame], output_dir: 
     c = config
     splits = cap_splits(splits, c.max_images, c.seed)
     if c.image_cache or c.feature_cache:   # one cache over every image, which each client's run reuses
-        build_image_cache(pd.concat(list(splits.values())), c.image_size, c.cache_dir, progress=c.progress)
+        cache = build_image_cache(pd.concat(list(splits.values())), c.image_size, c.cache_dir,
+                                  progress=c.progress)
+        # Partition the usable rows, exactly as FederatedRun does: the same clients as FedAvg's.
+        splits = {k: cache.usable(f) for k, f in splits.items()}
     parts = partition(splits["train"], c.num_clients, scheme=c.partition, alpha=c.alpha, seed=c.seed,
                       column=c.partition_column)
     solo = dataclasses.replace(c, num_clients=1, fraction_fit=1.0, max_images=None)

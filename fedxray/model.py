@@ -176,6 +176,16 @@ def _file_state(path: Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise RuntimeError(f"cannot read weights file {path}: {e}") from e
+    if isinstance(obj, dict) and "checksum" in obj:   # written by fedxray: verify before use
+        from .checkpoint import payload_digest
+        body = {k: v for k, v in obj.items() if k != "checksum"}
+        try:
+            intact = payload_digest(body) == obj["checksum"]
+        except TypeError:
+            intact = False
+        if not intact:
+            raise RuntimeError(f"weights file {path} fails its checksum: it was damaged or edited after "
+                               f"fedxray wrote it; use an intact copy")
     for key in ("model", "state_dict", "global_state"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

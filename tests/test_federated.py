@@ -8,6 +8,7 @@ import torch
 
 import fedxray
 from fedxray import LABELS, Config, NonFiniteLossError, run_centralized, run_federated, run_local_only
+from fedxray.checkpoint import load_checkpoint
 from fedxray.federated import CHECKPOINT, FederatedRun, cap_splits, sample_clients
 
 
@@ -71,7 +72,7 @@ def test_interrupted_run_resumes_to_identical_result(tiny_splits, tmp_path, monk
     monkeypatch.setattr(FederatedRun, "_round", crash_in_round_3)
     with pytest.raises(KeyboardInterrupt):
         run_federated(cfg, tiny_splits, tmp_path / "resumed")
-    assert torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=False)["round"] == 2
+    assert load_checkpoint(tmp_path / "resumed" / CHECKPOINT)["round"] == 2
     monkeypatch.setattr(FederatedRun, "_round", real_round)
     resumed = run_federated(cfg, tiny_splits, tmp_path / "resumed")
 
@@ -83,22 +84,27 @@ def test_interrupted_run_resumes_to_identical_result(tiny_splits, tmp_path, monk
 
 def test_resume_refuses_another_config(tiny_splits, tmp_path):
     run_federated(_config(num_rounds=1), tiny_splits, tmp_path)
-    with pytest.raises(ValueError, match="another configuration.*lr"):
+    with pytest.raises(fedxray.CheckpointError, match="another configuration.*lr"):
         run_federated(_config(num_rounds=1, lr=0.5), tiny_splits, tmp_path)
     run_federated(_config(num_rounds=1, lr=0.5), tiny_splits, tmp_path, resume=False)   # explicit restart
 
 
 def test_non_finite_loss_keeps_last_good_checkpoint(tiny_splits, tmp_path, monkeypatch):
+    real_loss = torch.nn.BCEWithLogitsLoss.forward
+
+    def nan_in_round_2(self, logits, y):             # as if the loss had blown up in round 2
+        loss = real_loss(self, logits, y)
+        return loss * float("nan") if fedxray.Client._round == 2 else loss
     real_fit = fedxray.Client.fit
 
-    def diverge_in_round_2(self, state, round_num=1):
-        if round_num == 2:           # as if the weights had blown up: the loss is NaN
-            state = {**state, "fc.bias": torch.full_like(state["fc.bias"], float("nan"))}
+    def fit(self, state, round_num=1):
+        fedxray.Client._round = round_num
         return real_fit(self, state, round_num)
-    monkeypatch.setattr(fedxray.Client, "fit", diverge_in_round_2)
-    with pytest.raises(NonFiniteLossError, match="round 2"):
+    monkeypatch.setattr(torch.nn.BCEWithLogitsLoss, "forward", nan_in_round_2)
+    monkeypatch.setattr(fedxray.Client, "fit", fit)
+    with pytest.raises(NonFiniteLossError, match="round 2.*checkpoint of round 1"):
         run_federated(_config(num_rounds=3), tiny_splits, tmp_path)
-    ckpt = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    ckpt = load_checkpoint(tmp_path / CHECKPOINT)
     assert ckpt["round"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["global_state"].values() if v.is_floating_point())
     hist = pd.read_csv(tmp_path / "history.csv")
