@@ -184,3 +184,16 @@ def test_shipped_label_stats_are_sane():
 @pytest.mark.skipif(not NIH_CSV.is_file(), reason=f"real NIH metadata not present at {NIH_CSV}")
 def test_shipped_label_stats_match_nih_metadata():
     pd.testing.assert_frame_equal(demo.derive_label_stats(NIH_CSV), demo.load_label_stats())
+
+
+def test_a_damaged_demo_file_is_regenerated_not_reused(tmp_path, caplog):
+    out = fedxray.make_demo_dataset(tmp_path / "d", num_patients=5, image_size=48, progress=False)
+    png = sorted(out.glob("images_*/images/*.png"))[2]
+    good = png.read_bytes()
+    png.write_bytes(good[:-8] + bytes(8))                 # the tail of one file damaged
+    fedxray.make_demo_dataset(out, num_patients=5, image_size=48, progress=False)
+    assert png.read_bytes() == good
+    assert "differs from its manifest" in caplog.text
+    caplog.clear()
+    fedxray.make_demo_dataset(out, num_patients=5, image_size=48, progress=False)   # intact: kept
+    assert "differs" not in caplog.text
