@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -42,8 +43,11 @@ _COLUMNS = {
 _REQUIRED = ("image", "finding_labels", "patient_id", "age", "sex", "view")
 _HEADER_FOR = {"image": "Image Index", "finding_labels": "Finding Labels", "patient_id": "Patient ID",
                "age": "Patient Age", "sex": "Patient Gender (or Patient Sex)", "view": "View Position"}
+# A line of an NIH split list: a bare image file name, no folder, comma or space.
+_LIST_NAME = re.compile(r"[^\s,;/\\]+\.(?:png|jpe?g)", re.IGNORECASE)
 _AGE_UNITS = {"Y": 1.0, "M": 1.0 / 12.0, "W": 7.0 / 365.25, "D": 1.0 / 365.25}
 MAX_PLAUSIBLE_AGE = 120.0
+_MAX_INT = 10**18 - 1          # 18 digits: every accepted id fits int64 exactly
 
 
 class DataError(ValueError):
@@ -94,12 +98,12 @@ def read_metadata(csv_path: str | os.PathLike) -> pd.DataFrame:
     if dup.any():
         raise DataError(f"{path}: {int(dup.sum())} duplicated image name(s), first "
                         f"{out['image'][dup].iloc[0]!r}; each image must appear once")
-    out["patient_id"] = _parse_int(raw["patient_id"], path, "Patient ID")
+    out["patient_id"] = _parse_int(raw["patient_id"], path, "Patient ID", minimum=1)
     out["view"] = raw["view"].str.strip().str.upper()
     out["age"] = _parse_age(raw["age"], path)
     out["sex"] = raw["sex"].str.strip().str.upper()
     if "follow_up" in raw:
-        out["follow_up"] = _parse_int(raw["follow_up"], path, "Follow-up #")
+        out["follow_up"] = _parse_int(raw["follow_up"], path, "Follow-up #", minimum=0)
     else:
         out["follow_up"] = -1
     labels = parse_finding_labels(raw["finding_labels"], source=str(path))
@@ -109,14 +113,21 @@ def read_metadata(csv_path: str | os.PathLike) -> pd.DataFrame:
     return out
 
 
-def _parse_int(col: pd.Series, path: Path, header: str) -> pd.Series:
-    vals = pd.to_numeric(col.str.strip(), errors="coerce")
-    bad = vals.isna() | (vals != np.floor(vals))
+def _parse_int(col: pd.Series, path: Path, header: str, minimum: int) -> pd.Series:
+    """Whole numbers >= minimum, read as text: '12', ' 12 ', '00000012' and '12.0' (a spreadsheet
+    round-trip) are 12. Signs, exponents ('1e30'), fractions and more than 18 digits are refused:
+    pd.to_numeric would read a huge id as a float that astype(int64) turns into one negative
+    number, merging patients."""
+    digits = col.str.extract(r"^\s*0*([0-9]{1,18})(?:\.0*)?\s*$", expand=False)
+    vals = digits.fillna("-1").astype(np.int64)          # -1 < minimum: refused below
+    bad = (vals < minimum).to_numpy()
     if bad.any():
-        first = col[bad].iloc[0]
-        raise DataError(f"{path}: {int(bad.sum())} row(s) with a non-integer {header!r}, "
-                        f"first {first!r} on line {int(np.flatnonzero(bad)[0]) + 2}")
-    return vals.astype(np.int64)
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{path}: {int(bad.sum())} row(s) whose {header!r} is not a whole number from "
+                        f"{minimum} to {_MAX_INT:,}, first {col.iloc[i]!r} on line {i + 2}: fix those "
+                        f"rows (NIH patient ids run from 1 to 30805, follow-ups from 0), or check that "
+                        f"this is the NIH Data_Entry_2017 CSV")
+    return vals
 
 
 def _parse_age(col: pd.Series, path: Path) -> pd.Series:
@@ -140,30 +151,43 @@ def _parse_age(col: pd.Series, path: Path) -> pd.Series:
 def parse_finding_labels(labels: Iterable[str], source: str = "metadata") -> np.ndarray:
     """'A|B' strings -> uint8 matrix [n, 14] in LABELS order. 'No Finding' is all zeros.
 
-    Names are matched exactly; an unknown name raises an error naming it and its row count.
+    Names are matched exactly; an unknown name, or 'No Finding' joined with findings, raises an
+    error naming the text and its row count.
     """
     labels = pd.Series(list(labels), dtype=object).fillna("").astype(str)
     uniq, inverse = np.unique(labels.to_numpy(), return_inverse=True)
     position = {name: j for j, name in enumerate(LABELS)}
     table = np.zeros((len(uniq), len(LABELS)), dtype=np.uint8)
     unknown: dict[str, int] = {}
+    contradictory: dict[str, int] = {}
     counts = np.bincount(inverse, minlength=len(uniq))
     for i, text in enumerate(uniq):
         names = [n.strip() for n in text.split("|")]
-        if names == [NO_FINDING]:
-            continue
+        if NO_FINDING in names and set(names) != {NO_FINDING}:
+            contradictory[text] = int(counts[i])
         for name in names:
             j = position.get(name)
-            if j is None:
-                unknown[name] = unknown.get(name, 0) + int(counts[i])
-            else:
+            if j is not None:
                 table[i, j] = 1
+            elif name != NO_FINDING:
+                unknown[name] = unknown.get(name, 0) + int(counts[i])
     if unknown:
-        desc = ", ".join(f"{n!r} ({c} row{'s' if c != 1 else ''})" for n, c in sorted(unknown.items()))
+        desc = ", ".join(f"{n!r} ({_rows(c)})" for n, c in sorted(unknown.items()))
         raise DataError(
             f"{source}: unknown finding name(s) in 'Finding Labels': {desc}. Known names: "
             f"{', '.join(LABELS)} and {NO_FINDING!r} (exact spelling, joined with '|').")
+    if contradictory:
+        texts = sorted(contradictory.items())
+        desc = ", ".join(f"{t!r} ({_rows(c)})" for t, c in texts[:5]) + (", ..." if len(texts) > 5 else "")
+        raise DataError(
+            f"{source}: {NO_FINDING!r} combined with findings on {_rows(sum(contradictory.values()))} "
+            f"of 'Finding Labels': {desc}. {NO_FINDING!r} means none of the 14 findings, so such a "
+            f"row contradicts itself: keep either its findings or {NO_FINDING!r}.")
     return table[inverse]
+
+
+def _rows(count: int) -> str:
+    return f"{count} row{'s' if count != 1 else ''}"
 
 
 def label_matrix(frame: pd.DataFrame) -> np.ndarray:
@@ -203,44 +227,72 @@ def find_csv(data_dir: str | os.PathLike | None = None,
 
 
 def _find_files(root: Path, pattern: str, max_depth: int) -> list[Path]:
-    """Files matching pattern up to max_depth below root, not descending into image folders."""
+    """Files matching pattern up to max_depth below root, not descending into image folders.
+    Linked folders are followed, each real folder once, level by level (the shallowest route)."""
     found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
     level = [root]
     for _ in range(max_depth + 1):
         nxt: list[Path] = []
         for d in level:
-            found.extend(p for p in d.glob(pattern) if p.is_file())
+            if not _first_visit(d, seen):
+                continue
+            found.extend(sorted(p for p in d.glob(pattern) if p.is_file()))
             if d.name == "images":
                 continue
             try:
-                nxt.extend(e for e in d.iterdir() if e.is_dir() and not e.name.startswith("."))
+                nxt.extend(sorted(e for e in d.iterdir() if e.is_dir() and not e.name.startswith(".")))
             except OSError:
                 continue
         level = nxt
     return found
 
 
+def _first_visit(folder: Path, seen: set[tuple[int, int]]) -> bool:
+    """True the first time a real folder is reached, by any route: two links to one folder, or a
+    link to an ancestor (a loop), are walked once. Keyed by device and inode, so bind mounts too."""
+    st = folder.stat()
+    key = (st.st_dev, st.st_ino)
+    if key in seen:
+        return False
+    seen.add(key)
+    return True
+
+
 def index_images(data_dir: str | os.PathLike, suffixes: Sequence[str] = (".png",)) -> dict[str, Path]:
     """Map image file name -> path for every image under data_dir, built once.
 
     Finds the Kaggle layout (images_001/images/*.png ... images_012/images/*.png), a flat folder,
-    or any nesting below data_dir. The same name in two places is an error (which one is meant?).
+    or any nesting below data_dir, following linked folders (setups that link images_001 to the
+    Kaggle input). The same name in two places is an error (which one is meant?), unless both
+    are the very same file reached by two routes (a file link, a hard link): the first route in
+    sorted order is kept.
     """
     root = Path(data_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
     index: dict[str, Path] = {}
     suffixes = tuple(s.lower() for s in suffixes)
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    seen: set[tuple[int, int]] = set()
+    _first_visit(root, seen)
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [d for d in sorted(dirnames)
+                       if not d.startswith(".") and _first_visit(Path(dirpath) / d, seen)]
         for name in filenames:
             if name.lower().endswith(suffixes):
                 p = Path(dirpath) / name
-                if name in index:
+                if name in index and not _same_file(index[name], p):
                     raise DataError(f"image {name!r} found twice: {index[name]} and {p}; "
                                     f"keep one copy under {root}")
-                index[name] = p
+                index.setdefault(name, p)
     return index
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:          # a broken link is not the other file
+        return False
 
 
 def attach_paths(metadata: pd.DataFrame, images: str | os.PathLike | Mapping[str, Path],
@@ -282,9 +334,26 @@ def load_nih(data_dir: str | os.PathLike | None = None, drop_missing: bool = Fal
 # --------------------------------------------------------------------------- split
 
 def read_split_list(path: str | os.PathLike) -> set[str]:
-    """Image names in an NIH split list (one per line)."""
-    with open(path, encoding="utf-8-sig") as f:
-        return {line.strip() for line in f if line.strip()}
+    """Image names in an NIH split list (one per line). An empty list, or lines that are not bare
+    image names (a CSV given by mistake, paths), raise DataError naming the file."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = [(k, line.strip()) for k, line in enumerate(f, start=1)]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not a text file ({e}): expected the NIH {TRAIN_VAL_LIST} or "
+                        f"{TEST_LIST}, one image name per line") from e
+    names = [(k, text) for k, text in lines if text]
+    if not names:
+        raise DataError(f"{path} lists no images: expected one image name per line, as in the official "
+                        f"NIH {TRAIN_VAL_LIST} and {TEST_LIST}. Re-download it, or remove both lists "
+                        f"for a seeded patient split.")
+    bad = [(k, text) for k, text in names if not _LIST_NAME.fullmatch(text)]
+    if bad:
+        k, text = bad[0]
+        raise DataError(f"{path}: {len(bad)} of {len(names)} line(s) are not image names, first line {k}: "
+                        f"{text[:80]!r}. A split list holds one bare image name per line, like "
+                        f"00000001_000.png (was a CSV given by mistake?)")
+    return {text for _, text in names}
 
 
 def split_by_patient(metadata: pd.DataFrame, lists_dir: str | os.PathLike | None = None,
@@ -304,7 +373,15 @@ def split_by_patient(metadata: pd.DataFrame, lists_dir: str | os.PathLike | None
     rng = np.random.default_rng(seed)
     pid = metadata["patient_id"].to_numpy()
     if lists is not None:
-        test_names = read_split_list(lists[1])
+        train_val_names, test_names = read_split_list(lists[0]), read_split_list(lists[1])
+        both = train_val_names & test_names
+        if both:
+            # An error, not a choice: the official lists are disjoint, so these files are wrong, and
+            # either choice would silently move images into or out of the test set.
+            raise DataError(
+                f"{len(both)} image(s) are in both {lists[0]} and {lists[1]} (first: "
+                f"{', '.join(sorted(both)[:5])}); the official NIH lists never share an image. "
+                f"Re-download the lists, or remove both for a seeded patient split.")
         is_test = metadata["image"].isin(test_names).to_numpy()
         test_patients = np.unique(pid[is_test])
         stray = ~is_test & np.isin(pid, test_patients)
@@ -313,7 +390,7 @@ def split_by_patient(metadata: pd.DataFrame, lists_dir: str | os.PathLike | None
                 f"{int(stray.sum())} image(s) not in {lists[1]} belong to test patients "
                 f"(first {metadata['image'][stray].iloc[0]}); the split lists do not match "
                 f"this metadata. Use split lists that match it.")
-        listed = metadata["image"].isin(read_split_list(lists[0])).to_numpy() | is_test
+        listed = metadata["image"].isin(train_val_names).to_numpy() | is_test
         if not listed.all():
             log.warning("%d image(s) are in neither split list; they join train_val", int((~listed).sum()))
     else:
@@ -359,8 +436,9 @@ def load_gray(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
     """Decode an X-ray to an 8-bit grayscale array, optionally resized to size x size.
 
     Reads 8-bit grayscale, RGB/RGBA with equal channels (as some NIH files are), and 16-bit PNGs
-    (scaled by their bit depth, not their max). A corrupt or truncated file raises ImageDecodeError
-    naming it; nothing is ever replaced by a black image.
+    (scaled by their bit depth, not their max). A corrupt or truncated file, or one too large to be
+    an X-ray (Pillow's decompression-bomb limit), raises ImageDecodeError naming it; nothing is
+    ever replaced by a black image.
     """
     from PIL import Image, UnidentifiedImageError
     try:
@@ -381,6 +459,13 @@ def load_gray(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
             if size is not None and img.size != (size, size):
                 img = img.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
             return np.asarray(img, dtype=np.uint8).copy()
+    except Image.DecompressionBombError as e:
+        # Not an OSError. Pillow refuses above 2 x MAX_IMAGE_PIXELS; between 1x and 2x it only warns
+        # (DecompressionBombWarning) and the image decodes.
+        raise ImageDecodeError(
+            f"cannot decode image {path}: {e} NIH X-rays are 1024x1024 (1,048,576 pixels), so this "
+            f"file is not one: remove or replace it, or remove its row from the metadata. If images "
+            f"this large are intended, raise PIL.Image.MAX_IMAGE_PIXELS before loading.") from e
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as e:
         if isinstance(e, FileNotFoundError):
             raise

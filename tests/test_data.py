@@ -275,3 +275,161 @@ def test_split_lists_must_match_metadata(tmp_path, nih_sample):
     shutil.copy(nih_sample / "train_val_list.txt", tmp_path)
     with pytest.raises(FileNotFoundError, match="test_list.txt"):
         fedxray.split_by_patient(meta, lists_dir=tmp_path)
+
+
+# ----------------------------------------------------------------------------- hostile inputs
+
+def _csv_with(tmp_path, rows):
+    """A Kaggle-flavour CSV from (image, labels, follow_up, patient_id) rows."""
+    csv = tmp_path / "Data_Entry_2017.csv"
+    csv.write_text(KAGGLE_HEADER + "\n" + "".join(f"{i},{lab},{fu},{pid},40,M,PA,1,1,1,1\n"
+                                                  for i, lab, fu, pid in rows))
+    return csv
+
+
+def test_whole_numbers_in_any_spelling_are_read(tmp_path):
+    csv = _csv_with(tmp_path, [("a.png", "No Finding", "0", "12"),
+                               ("b.png", "No Finding", " 3 ", " 13 "),
+                               ("c.png", "No Finding", "4.0", "00000014"),
+                               ("d.png", "No Finding", "5", "15.0")])
+    m = fedxray.read_metadata(csv)
+    assert m["patient_id"].tolist() == [12, 13, 14, 15] and m["patient_id"].dtype == np.int64
+    assert m["follow_up"].tolist() == [0, 3, 4, 5]
+
+
+@pytest.mark.parametrize("column, value", [
+    ("Patient ID", "99999999999999999999"),    # beyond int64: became -9223372036854775808
+    ("Patient ID", "1e30"),                    # an exponent: the same
+    ("Patient ID", "-5"),
+    ("Patient ID", "0"),                       # NIH ids start at 1
+    ("Patient ID", "12.5"),
+    ("Follow-up #", "99999999999999999999"),
+    ("Follow-up #", "-1"),
+])
+def test_out_of_range_ids_are_refused_by_value_and_line(tmp_path, column, value):
+    rows = [("a.png", "No Finding", "0", "1"), ("b.png", "No Finding", "0", "2"),
+            ("c.png", "No Finding", "0", "3")]
+    i, lab, fu, pid = rows[1]
+    rows[1] = (i, lab, value, pid) if column == "Follow-up #" else (i, lab, fu, value)
+    csv = _csv_with(tmp_path, rows)
+    with pytest.raises(DataError, match=rf"1 row\(s\) whose '{column}' .*first '{value}' on line 3"):
+        fedxray.read_metadata(csv)
+
+
+def test_ids_beyond_int64_never_merge_patients(tmp_path):
+    csv = _csv_with(tmp_path, [("a.png", "No Finding", "0", "99999999999999999999"),
+                               ("b.png", "No Finding", "0", "88888888888888888888")])
+    with pytest.raises(DataError, match=r"2 row\(s\) whose 'Patient ID'.*line 2"):
+        fedxray.read_metadata(csv)
+
+
+def test_no_finding_with_a_finding_is_a_contradiction_not_an_unknown_name(tmp_path):
+    csv = _csv_with(tmp_path, [("a.png", "No Finding|Effusion", "0", "1"),
+                               ("b.png", "No Finding|Effusion", "0", "2"),
+                               ("c.png", "Atelectasis|No Finding", "0", "3"),
+                               ("d.png", "No Finding", "0", "4")])
+    with pytest.raises(DataError) as e:
+        fedxray.read_metadata(csv)
+    msg = str(e.value)
+    assert "unknown" not in msg
+    assert "'No Finding' combined with findings on 3 rows" in msg
+    assert "'Atelectasis|No Finding' (1 row), 'No Finding|Effusion' (2 rows)" in msg
+    assert "keep either its findings or 'No Finding'" in msg
+
+
+def test_oversized_image_is_a_decode_error_naming_file_and_pixels(tmp_path, monkeypatch):
+    _png(tmp_path / "00000001_000.png", np.zeros((40, 50), np.uint8))      # 2,000 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 900)                    # refused above 1,800
+    with pytest.raises(ImageDecodeError, match=r"00000001_000\.png.*2000 pixels.*1024x1024.*"
+                                               r"remove or replace it.*PIL\.Image\.MAX_IMAGE_PIXELS"):
+        fedxray.load_gray(tmp_path / "00000001_000.png")
+    # Between 1x and 2x the limit Pillow only warns, and the image decodes.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)
+    with pytest.warns(Image.DecompressionBombWarning):
+        assert fedxray.load_gray(tmp_path / "00000001_000.png").shape == (40, 50)
+
+
+def test_linked_image_folders_are_followed(tmp_path):
+    names = [f"{p:08d}_000.png" for p in range(1, 5)]
+    _tiny_dataset(tmp_path / "kaggle", names)
+    data = tmp_path / "work"
+    data.mkdir()
+    shutil.copy(tmp_path / "kaggle" / "Data_Entry_2017.csv", data)
+    for sub in ("images_001", "images_002"):
+        (data / sub).symlink_to(tmp_path / "kaggle" / sub, target_is_directory=True)
+    meta = fedxray.load_nih(data)
+    assert [os.path.basename(p) for p in meta["path"]] == names
+    assert all(p.startswith(str(data)) for p in meta["path"])
+
+
+def test_link_loops_and_two_routes_index_each_image_once(tmp_path):
+    names = [f"{p:08d}_000.png" for p in range(1, 5)]
+    _tiny_dataset(tmp_path, names)
+    (tmp_path / "images_001" / "images" / "loop").symlink_to(tmp_path, target_is_directory=True)
+    (tmp_path / "images_003").symlink_to(tmp_path / "images_002", target_is_directory=True)
+    # A file link: the very same file by a second route, not a second copy.
+    (tmp_path / "images_001" / "images" / names[1]).symlink_to(tmp_path / "images_002" / "images" / names[1])
+    index = fedxray.index_images(tmp_path)
+    assert sorted(index) == names
+    assert index[names[1]] == tmp_path / "images_001" / "images" / names[1]   # first route, sorted
+
+
+def test_the_same_name_in_two_different_files_is_still_an_error(tmp_path):
+    _png(tmp_path / "a" / "00000001_000.png", np.zeros((4, 4), np.uint8))
+    _png(tmp_path / "b" / "00000001_000.png", np.ones((4, 4), np.uint8))
+    with pytest.raises(DataError, match=r"'00000001_000\.png' found twice"):
+        fedxray.index_images(tmp_path)
+
+
+def test_find_csv_follows_linked_folders_once(tmp_path):
+    from fedxray.data import _find_files
+    elsewhere = tmp_path / "elsewhere" / "data"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "Data_Entry_2017.csv").write_text(KAGGLE_HEADER + "\n")
+    root = tmp_path / "input"
+    root.mkdir()
+    (root / "nih").symlink_to(elsewhere, target_is_directory=True)
+    (root / "other").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "loop").symlink_to(root, target_is_directory=True)
+    assert find_csv(search_root=root) == root / "nih" / "Data_Entry_2017.csv"
+    assert _find_files(root, "Data_Entry_2017*.csv", max_depth=4) == [root / "nih" / "Data_Entry_2017.csv"]
+
+
+def _listed_dataset(tmp_path, train_val: str, test: str):
+    names = [f"{p:08d}_000.png" for p in range(1, 7)]
+    _tiny_dataset(tmp_path, names)
+    (tmp_path / "train_val_list.txt").write_text(train_val)
+    (tmp_path / "test_list.txt").write_text(test)
+    return fedxray.load_nih(tmp_path)
+
+
+def test_an_image_in_both_split_lists_is_an_error(tmp_path):
+    tv = "".join(f"{p:08d}_000.png\n" for p in range(1, 6))
+    meta = _listed_dataset(tmp_path, tv, "00000005_000.png\n00000006_000.png\n00000004_000.png\n")
+    with pytest.raises(DataError, match=r"2 image\(s\) are in both .*train_val_list\.txt and "
+                                        r".*test_list\.txt \(first: 00000004_000\.png, "
+                                        r"00000005_000\.png\).*Re-download"):
+        fedxray.split_by_patient(meta)
+
+
+@pytest.mark.parametrize("which", ["test_list.txt", "train_val_list.txt"])
+def test_an_empty_split_list_is_an_error(tmp_path, which):
+    tv, te = "00000001_000.png\n00000002_000.png\n", "00000006_000.png\n"
+    meta = _listed_dataset(tmp_path, "\n" if which == "train_val_list.txt" else tv,
+                           "\n \n" if which == "test_list.txt" else te)
+    with pytest.raises(DataError, match=rf"{which} lists no images.*remove both lists"):
+        fedxray.split_by_patient(meta)
+
+
+def test_a_split_list_that_is_not_a_list_of_names_is_an_error(tmp_path):
+    meta = _listed_dataset(tmp_path, "00000001_000.png\n", "00000006_000.png\n")
+    (tmp_path / "test_list.txt").write_text((tmp_path / "Data_Entry_2017.csv").read_text())
+    with pytest.raises(DataError, match=r"test_list\.txt: 7 of 7 line\(s\) are not image names, "
+                                        r"first line 1: 'Image Index,Finding Labels.*CSV given by mistake"):
+        fedxray.split_by_patient(meta)
+    (tmp_path / "test_list.txt").write_text("00000006_000.png\nimages_001/images/00000005_000.png\n")
+    with pytest.raises(DataError, match=r"1 of 2 line\(s\) .*first line 2: 'images_001/images/"):
+        fedxray.split_by_patient(meta)
+    (tmp_path / "test_list.txt").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")
+    with pytest.raises(DataError, match=r"test_list\.txt is not a text file"):
+        fedxray.split_by_patient(meta)

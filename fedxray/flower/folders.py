@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Sequence
 
 import numpy as np
@@ -31,10 +31,7 @@ def write_nih_folder(frame: pd.DataFrame, folder: str | os.PathLike, link: bool 
     """
     folder = Path(folder)
     _check_empty(folder)
-    missing = [c for c in ("path", *_HEADER, *LABELS) if c not in frame and c != "finding_labels"]
-    if missing:
-        raise DataError(f"the table lacks column(s) {missing}: pass a table from fedxray.load_nih "
-                        f"(or read_metadata + attach_paths)")
+    _check_table(frame, "the table")
     images = folder / IMAGES
     images.mkdir(parents=True, exist_ok=True)
     copied = 0
@@ -64,6 +61,8 @@ def write_client_folders(parts: Sequence[pd.DataFrame], out_dir: str | os.PathLi
     folders = [out / f"{prefix}{k}" for k in range(len(parts))]
     for folder in folders:
         _check_empty(folder)
+    for k, part in enumerate(parts):
+        _check_table(part, f"part {k}")
     owner: dict[int, int] = {}
     for k, part in enumerate(parts):
         for pid in np.unique(part["patient_id"].to_numpy()):
@@ -91,15 +90,50 @@ def _check_empty(folder: Path) -> None:
                               f"folder (nothing was written)")
 
 
+def _check_table(frame: pd.DataFrame, what: str) -> None:
+    """The columns write_nih_folder needs, and image names that stay inside images/, each once."""
+    missing = [c for c in ("path", *_HEADER, *LABELS) if c not in frame and c != "finding_labels"]
+    if missing:
+        raise DataError(f"{what} lacks column(s) {missing}: pass a table from fedxray.load_nih "
+                        f"(or read_metadata + attach_paths)")
+    seen: set[str] = set()
+    for row, name in enumerate(frame["image"]):
+        # A name such as '../../x.png' or '/home/x.png' would be written outside the folder.
+        if not _plain_name(name):
+            raise DataError(f"{what}, row {row}: image name {name!r} is not a plain file name (no folder, "
+                            f"separator, '.', '..', NUL or surrounding spaces): fix its 'image' value "
+                            f"(nothing was written)")
+        if name in seen:
+            raise DataError(f"{what}, row {row}: image name {name!r} appears twice; each image must "
+                            f"appear once (nothing was written)")
+        seen.add(name)
+
+
+def _plain_name(name: object) -> bool:
+    # Both path flavours: 'a\\b' and 'C:x.png' are plain on POSIX but not on Windows.
+    return (isinstance(name, str) and name not in ("", ".", "..") and "\0" not in name
+            and name == name.strip()
+            and PurePosixPath(name).name == name and PureWindowsPath(name).name == name)
+
+
 def _link_or_copy(src: Path, dst: Path, link: bool) -> bool:
-    """Hard-link src to dst, or copy it; True when linked."""
+    """Hard-link src to dst, or copy it; True when linked. An existing dst (a file, or a link
+    planted there) is never replaced nor written through."""
     if not src.is_file():
         raise FileNotFoundError(f"image {src} listed in the table does not exist")
-    if link:
-        try:
-            os.link(src, dst)
-            return True
-        except OSError:
-            pass
-    shutil.copy2(src, dst)
+    try:
+        if link:
+            try:
+                os.link(src, dst)
+                return True
+            except FileExistsError:
+                raise
+            except OSError:
+                pass          # another file system, or one without hard links: copy instead
+        with open(src, "rb") as fin, open(dst, "xb") as fout:     # "x": exclusive creation
+            shutil.copyfileobj(fin, fout, 1 << 20)
+    except FileExistsError:
+        raise FileExistsError(f"{dst} already exists (is another process writing this folder?); "
+                              f"nothing was overwritten: delete the folder and write it again") from None
+    shutil.copystat(src, dst)
     return False
