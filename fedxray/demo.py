@@ -467,8 +467,9 @@ class DemoParams:
             object.__setattr__(self, name, int(val))
         for name, high in (("test_fraction", 1.0), ("persistence", 1.0), ("min_prevalence", 0.5)):
             val = getattr(self, name)
-            if not 0.0 <= val < high:
-                raise ValueError(f"{name} must be in [0, {high:g}), got {val!r}")
+            if not 0.0 <= val < high or (name == "test_fraction" and val == 0.0):
+                raise ValueError(f"{name} must be in {'(' if name == 'test_fraction' else '['}0, "
+                                 f"{high:g}), got {val!r}")
             object.__setattr__(self, name, float(val))
 
 
@@ -490,7 +491,8 @@ def _sample_patients(params: dict) -> pd.DataFrame:
     ks = np.arange(1, params["max_follow_ups"] + 1)
     n_images = rng.choice(ks, size=n, p=(1 / ks) / (1 / ks).sum())
     geometry = np.array([g[3] for g in _ORIGINAL_GEOMETRY], float)
-    n_test = min(n - 1, int(round(params["test_fraction"] * n)))   # keep a train_val patient
+    # At least one test patient (an empty test_list.txt is refused when read) and one train_val one.
+    n_test = min(n - 1, max(1, int(round(params["test_fraction"] * n))))
     test = set((rng.permutation(n)[:n_test] + 1).tolist())
     rows = []
     for pid in range(1, n + 1):

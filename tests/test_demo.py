@@ -142,7 +142,8 @@ def test_labelled_synthetic(small, tmp_path):
 
 
 def test_bad_parameters_are_refused(tmp_path):
-    for kw in ({"seed": -1}, {"num_patients": 1}, {"test_fraction": 1.0}, {"image_size": 8.5}):
+    for kw in ({"seed": -1}, {"num_patients": 1}, {"test_fraction": 1.0}, {"test_fraction": 0.0},
+               {"image_size": 8.5}):
         with pytest.raises(ValueError):
             fedxray.make_demo_dataset(tmp_path / "x", progress=False, **kw)
     assert not (tmp_path / "x").exists()
@@ -197,3 +198,9 @@ def test_a_damaged_demo_file_is_regenerated_not_reused(tmp_path, caplog):
     caplog.clear()
     fedxray.make_demo_dataset(out, num_patients=5, image_size=48, progress=False)   # intact: kept
     assert "differs" not in caplog.text
+
+
+def test_smallest_demo_has_a_test_patient_and_splits(tmp_path):
+    out = fedxray.make_demo_dataset(tmp_path / "d", num_patients=2, image_size=48, progress=False)
+    splits = fedxray.split_by_patient(fedxray.load_nih(out), val_fraction=0.0)
+    assert splits["test"]["patient_id"].nunique() == 1 and len(splits["train"]) > 0

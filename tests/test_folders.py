@@ -74,3 +74,11 @@ def test_copies_read_back_as_the_same_rows_and_bytes(frame, tmp_path):
     for src, dst in zip(frame["path"], back["path"]):
         assert Path(dst).read_bytes() == Path(src).read_bytes()
         assert os.stat(dst).st_nlink == 1 and os.stat(dst).st_mtime == os.stat(src).st_mtime
+
+
+def test_a_missing_source_image_writes_nothing(tiny_splits, tmp_path):
+    frame = tiny_splits["val"].copy()
+    frame.loc[frame.index[-1], "path"] = str(tmp_path / "gone.png")
+    with pytest.raises(FileNotFoundError, match="gone.png.*nothing was written"):
+        write_nih_folder(frame, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

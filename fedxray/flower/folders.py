@@ -32,6 +32,10 @@ def write_nih_folder(frame: pd.DataFrame, folder: str | os.PathLike, link: bool 
     folder = Path(folder)
     _check_empty(folder)
     _check_table(frame, "the table")
+    absent = [p for p in frame["path"] if not Path(p).is_file()]
+    if absent:   # checked before writing, so a failure leaves no half-written folder
+        raise FileNotFoundError(f"{len(absent)} image(s) listed in the table do not exist (first {absent[0]}); "
+                                f"nothing was written to {folder}")
     images = folder / IMAGES
     images.mkdir(parents=True, exist_ok=True)
     copied = 0
