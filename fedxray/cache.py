@@ -4,17 +4,28 @@ ImageCache: every PNG decoded once (grayscale, reduced, resized) into one uint8 
 [N, S, S] plus an index; training reads rows and normalises them on the device.
 FeatureCache: with no random augmentation the frozen trunk's layer3 output of an image is the same
 for every client and round, so it is computed once and only layer4 + fc train on it.
+
+Nothing read back is trusted. The index records, per image, the size and mtime of the PNG it was
+decoded from and a CRC-32 of its cached row; a feature file's meta records a CRC-32 per row. The
+builders decode again exactly the rows whose PNG changed or whose bytes fail their CRC (and compute
+a damaged feature file again); ImageCache.open raises an error naming them. Every write to a cache
+happens under a file lock, so two processes building one cache take turns: the second waits, then
+finds the cache complete and checks it like any other.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
 import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -23,20 +34,25 @@ from torch.utils.data import DataLoader, Dataset
 
 from .client import autocast, to_input
 from .data import LABELS, DataError, ImageDecodeError, label_matrix, load_gray
-from .io import atomic_write, atomic_write_text
+from .io import LockedError, atomic_write, atomic_write_text, file_lock, orphan_temporaries
 from .model import trunk_digest
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1                 # bump when the decoding changes: old caches are then not reused
+# Bump when the decoding or the files change: the cache key includes it, so a new version builds a
+# new folder, and ImageCache.open refuses an old one with "delete the folder".
+CACHE_VERSION = 2
 CACHE_ENV = "FEDXRAY_CACHE_DIR"
 KAGGLE_WORKING = Path("/kaggle/working")
-INDEX, IMAGES, PROGRESS = "index.json", "images.u8", "done.u8"
+INDEX, IMAGES, PROGRESS, LOCK = "index.json", "images.u8", "progress.npy", ".lock"
 CHUNK = 32                        # images per task handed to a decoding process
-SAVE_EVERY_S = 2.0                # how often the done-mask of an interrupted build is persisted
+SAVE_EVERY_S = 2.0                # how often the progress of an interrupted build is persisted
+VERIFY_ROWS = 256                 # rows per CRC task (threads: zlib.crc32 releases the GIL)
 # Room left on the GPU beside GPU-resident features, for layer4's activations and the optimizer.
 GPU_RESERVE_FRACTION, GPU_RESERVE_MIN = 0.2, 2 << 30
 FEATURE_DTYPES = {torch.float16: np.float16, torch.float32: np.float32}
+# Per row of a build in progress: decoded, the CRC-32 of its bytes, its PNG's size and mtime.
+PROGRESS_DTYPE = np.dtype([("done", "u1"), ("crc", "<u4"), ("size", "<i8"), ("mtime_ns", "<i8")])
 
 Loader = Callable[[str, int], np.ndarray]
 
@@ -74,14 +90,74 @@ def _rows(row: dict[str, int], names: Sequence[str], missing_means: str) -> np.n
     return np.fromiter((row[n] for n in names), np.int64, count=len(names))
 
 
+def _first(names: Sequence[str], rows: np.ndarray, k: int = 3) -> str:
+    return ", ".join(names[r] for r in rows[:k])
+
+
+# --------------------------------------------------------------------------- checks
+
+def _stamp(path: str) -> tuple[int, int]:
+    """(size, mtime_ns) of a source file: what identifies its content without reading it. A file
+    replaced or re-downloaded at the same path gets a new mtime. (-1, -1) when it cannot be
+    stat'ed (absent, or not a file path at all, as the benchmark's synthetic sources)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
+def _stamps(paths: Sequence[str]) -> np.ndarray:
+    return np.array([_stamp(p) for p in paths], np.int64).reshape(-1, 2)
+
+
+def _crc32(block: np.ndarray) -> np.ndarray:
+    """CRC-32 of each row of a C-contiguous block (zlib's: ~2 GB/s per core, measured)."""
+    return np.fromiter((zlib.crc32(r) for r in block), np.int64, count=len(block))
+
+
+def _crc_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """CRC-32 of array[rows], rows in any order: read in ascending blocks (a run of consecutive
+    rows is a slice of the memory map, not a copy), checksummed on threads."""
+    rows = np.asarray(rows, np.int64)
+    out = np.empty(len(rows), np.int64)
+    if not len(rows):
+        return out
+    order = np.argsort(rows, kind="stable")
+    ordered = rows[order]
+    blocks = [ordered[i:i + VERIFY_ROWS] for i in range(0, len(ordered), VERIFY_ROWS)]
+
+    def crc(block: np.ndarray) -> np.ndarray:
+        if block[-1] - block[0] + 1 == len(block):
+            return _crc32(array[block[0]:block[-1] + 1])
+        return _crc32(array[block])
+
+    with ThreadPoolExecutor(max(1, min(len(blocks), usable_cores()))) as pool:
+        out[order] = np.concatenate(list(pool.map(crc, blocks)))
+    return out
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path, purpose: str) -> Iterator[None]:
+    """file_lock(lock) for the with-block, saying first when it has to wait for another process.
+    The OS releases it if its holder dies, so a killed build never blocks the next one."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(lock, wait=False, purpose=purpose))
+        except LockedError as e:
+            log.warning("waiting: %s", e)
+            stack.enter_context(file_lock(lock, purpose=purpose))
+        yield
+
+
 # --------------------------------------------------------------------------- image cache
 
 class ImageCache:
     """A complete image cache on disk: row i of the uint8 array [N, S, S] is image names[i].
 
-    Images that could not be decoded are listed in `excluded` (name -> reason): their rows hold
-    no data and no dataset serves them. The array is memory-mapped, never read whole unless
-    load() is called.
+    Images that could not be decoded are listed in `excluded` (name -> reason): no dataset serves
+    their rows. The array is memory-mapped, never read whole unless load() is called. Per image the
+    index also holds its PNG's size and mtime when decoded and the CRC-32 of its row.
     """
 
     def __init__(self, directory: str | os.PathLike, index: dict):
@@ -92,16 +168,75 @@ class ImageCache:
         self.paths: list[str] = list(index["paths"])
         self.excluded: dict[str, str] = dict(index["excluded"])
         self._row = {n: i for i, n in enumerate(self.names)}
+        self._crc = np.asarray(index["crc32"], np.int64)
+        self._stamps = np.stack([np.asarray(index["source_size"], np.int64),
+                                 np.asarray(index["source_mtime_ns"], np.int64)], 1)
+        self._excluded = np.zeros(len(self.names), bool)
+        self._excluded[[self._row[n] for n in self.excluded]] = True
         self._array: Optional[np.memmap] = None
+        n = len(self.names)
+        if not (n == len(self.paths) == len(self._row) == len(self._crc) == len(self._stamps)
+                == int(index["count"])) or len(self.excluded) != int(self._excluded.sum()):
+            raise ValueError("its lists of names, paths, sizes, mtimes and CRCs disagree")
 
     @classmethod
     def open(cls, directory: str | os.PathLike) -> "ImageCache":
-        d = Path(directory)
-        index = json.loads((d / INDEX).read_text(encoding="utf-8"))
-        if index.get("version") != CACHE_VERSION:
-            raise DataError(f"{d} is an image cache of version {index.get('version')}, this fedxray "
+        """The cache in directory, after checking every row: its PNG unchanged since it was decoded
+        (size and mtime) and its bytes matching their CRC-32. This reads the whole data file
+        (about 2 GB/s per core) and stats every PNG. A failed check raises DataError naming the
+        folder, the images and the remedy; build_image_cache repairs instead of raising."""
+        cache = cls._read(Path(directory))
+        problem = cache._size_problem()
+        if problem:
+            raise DataError(f"{problem}: {cache._remedy()}")
+        rows = np.arange(len(cache))
+        changed, damaged = cache._faults(rows, _stamps(cache.paths))
+        if len(changed) or len(damaged):
+            raise DataError(f"the image cache {cache.directory} is out of date or damaged: "
+                            f"{_fault_text(cache.names, changed, damaged)}. {cache._remedy()}")
+        return cache
+
+    @classmethod
+    def _read(cls, directory: Path) -> "ImageCache":
+        """The cache described by directory/index.json, its rows not yet checked."""
+        try:
+            index = json.loads((directory / INDEX).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read {directory / INDEX} ({e}): delete the folder {directory} "
+                            f"to rebuild it") from None
+        if not isinstance(index, dict) or index.get("version") != CACHE_VERSION:
+            version = index.get("version") if isinstance(index, dict) else None
+            raise DataError(f"{directory} is an image cache of version {version}, this fedxray "
                             f"writes version {CACHE_VERSION}: delete the folder to rebuild it")
-        return cls(d, index)
+        try:
+            return cls(directory, index)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise DataError(f"{directory / INDEX} is malformed ({e}): delete the folder {directory} "
+                            f"to rebuild it") from None
+
+    def _remedy(self) -> str:
+        return (f"Rebuild the stale rows with build_image_cache(frame, {self.image_size}, "
+                f"cache_dir={str(self.directory.parent)!r}) over these images (it decodes again exactly "
+                f"those rows from their PNGs), or delete the folder {self.directory}")
+
+    def _size_problem(self) -> Optional[str]:
+        path, want = self.directory / IMAGES, len(self) * self.image_size ** 2
+        size = path.stat().st_size if path.is_file() else None
+        if size == want:
+            return None
+        return (f"{path} is missing" if size is None else
+                f"{path} is {size} bytes, expected {want} ({len(self)} rows of "
+                f"{self.image_size}x{self.image_size}): it was truncated or overwritten")
+
+    def _faults(self, rows: np.ndarray, stamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Among rows (with their PNGs' current stamps): those whose PNG changed since it was
+        decoded, and the cached ones whose bytes fail their CRC (all of them if the data file has
+        the wrong size)."""
+        changed = rows[(stamps != self._stamps[rows]).any(1)]
+        cached = rows[~self._excluded[rows]]
+        if self._size_problem():
+            return changed, cached
+        return changed, cached[_crc_rows(self.array, cached) != self._crc[cached]]
 
     def __len__(self) -> int:
         return len(self.names)
@@ -112,6 +247,9 @@ class ImageCache:
     @property
     def array(self) -> np.memmap:
         if self._array is None:
+            problem = self._size_problem()
+            if problem:    # numpy would say only "mmap length is greater than file size"
+                raise DataError(f"{problem}: {self._remedy()}")
             shape = (len(self.names), self.image_size, self.image_size)
             self._array = np.memmap(self.directory / IMAGES, np.uint8, mode="r", shape=shape)
         return self._array
@@ -143,6 +281,16 @@ class ImageCache:
             text += f"; {len(self.excluded)} undecodable and excluded: " + "; ".join(
                 f"{n} ({why})" for n, why in list(self.excluded.items())[:5])
         return text
+
+
+def _fault_text(names: Sequence[str], changed: np.ndarray, damaged: np.ndarray) -> str:
+    parts = []
+    if len(changed):
+        parts.append(f"{len(changed)} image(s) changed on disk since they were cached (size or "
+                     f"mtime; first: {_first(names, changed)})")
+    if len(damaged):
+        parts.append(f"{len(damaged)} cached row(s) fail their CRC-32 (first: {_first(names, damaged)})")
+    return "; ".join(parts)
 
 
 class CachedImageDataset(Dataset):
@@ -189,27 +337,48 @@ def _unique_images(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def find_image_cache(cache_dir: str | os.PathLike, image_size: int, names: Sequence[str],
-                     paths: Sequence[str]) -> Optional[ImageCache]:
-    """A complete cache at image_size holding every (name, path) pair: the exact one, else any
-    larger one (e.g. built over the whole dataset), else None. A cache of other images, another
-    size or another fedxray cache version is never used."""
-    root = Path(cache_dir)
-    exact = root / f"images_{image_size}px_{_digest(CACHE_VERSION, image_size, *names, *paths)}"
-    candidates = [exact] + sorted(p.parent for p in root.glob(f"images_{image_size}px_*/{INDEX}")
-                                  if p.parent != exact)
+def _folder(root: Path, image_size: int, names: Sequence[str], paths: Sequence[str]) -> Path:
+    return root / f"images_{image_size}px_{_digest(CACHE_VERSION, image_size, *names, *paths)}"
+
+
+_warned_old: set[Path] = set()
+
+
+def _candidates(root: Path, image_size: int, names: Sequence[str],
+                paths: Sequence[str]) -> Iterator[ImageCache]:
+    """Complete caches at image_size under root holding every (name, path) pair, rows unchecked:
+    the exact one first, then larger ones (e.g. built over the whole dataset)."""
+    exact = _folder(root, image_size, names, paths)
+    dirs = [exact] + sorted(p.parent for p in root.glob(f"images_{image_size}px_*/{INDEX}")
+                            if p.parent != exact)
     wanted = dict(zip(names, paths))
-    for d in candidates:
+    for d in dirs:
         if not (d / INDEX).is_file():
             continue
         try:
-            cache = ImageCache.open(d)
-        except (DataError, ValueError, KeyError, OSError) as e:
-            log.info("not using %s: %s", d, e)
+            cache = ImageCache._read(d)
+        except DataError as e:
+            if d not in _warned_old:   # an old cache can hold gigabytes: say so, once per process
+                log.warning("not using %s", e)
+                _warned_old.add(d)
             continue
         held = dict(zip(cache.names, cache.paths))
         if cache.image_size == image_size and all(held.get(n) == p for n, p in wanted.items()):
+            yield cache
+
+
+def find_image_cache(cache_dir: str | os.PathLike, image_size: int, names: Sequence[str],
+                     paths: Sequence[str]) -> Optional[ImageCache]:
+    """A complete cache at image_size holding every (name, path) pair, with those rows up to date
+    (PNG size and mtime unchanged) and intact (CRC-32): the exact one, else any larger one (e.g.
+    built over the whole dataset), else None. A cache of other images, another size or another
+    fedxray cache version is never used."""
+    stamps = _stamps(paths)
+    for cache in _candidates(Path(cache_dir), image_size, names, paths):
+        changed, damaged = cache._faults(cache.rows(names), stamps)
+        if not len(changed) and not len(damaged):
             return cache
+        log.info("not using %s as it is: %s", cache.directory, _fault_text(cache.names, changed, damaged))
     return None
 
 
@@ -218,87 +387,208 @@ def build_image_cache(frame: pd.DataFrame, image_size: int, cache_dir: str | os.
                       loader: Loader = load_gray) -> ImageCache:
     """Decode every image of frame (columns image, path) once into a uint8 [N, S, S] memory map.
 
-    Returns an existing complete cache that holds these images at this size, else builds one in
-    cache_dir (default: default_cache_dir()) under a name keyed by the size and the image list.
-    Decoding runs over num_workers processes (None: every core; 0: this process) with a progress
-    bar, and is resumable: the rows done so far are persisted as it goes, and a rerun after an
-    interruption decodes only the rest. A file that cannot be decoded is logged, listed in the
-    index and excluded, never cached as data. The index is written, atomically, only when complete.
-    loader(path, size) -> uint8 [size, size] is the decoder (fedxray.load_gray: grayscale, no RGB
-    conversion, Image.reduce before the resize).
+    Returns an existing complete cache that holds these images at this size, once their rows are
+    checked (find_image_cache), else builds one in cache_dir (default: default_cache_dir()) under a
+    name keyed by the size and the image list. A cache whose rows are stale (the PNG changed: a
+    repaired file is decoded and included again) or damaged (CRC-32, a truncated data file) gets
+    exactly those rows decoded again. Decoding runs over num_workers processes (None: every core;
+    0: this process) with a progress bar, and is resumable: the rows done so far are persisted as it
+    goes, and a rerun after an interruption decodes only the rest. A file that cannot be decoded is
+    logged, listed in the index and excluded, never cached as data. The index is written, atomically,
+    only when complete. Builds of one folder take turns (a file lock): a second process waits, then
+    reuses what the first built. loader(path, size) -> uint8 [size, size] is the decoder
+    (fedxray.load_gray: grayscale, no RGB conversion, Image.reduce before the resize).
     """
     frame = _unique_images(frame)
     names, paths = frame["image"].tolist(), frame["path"].astype(str).tolist()
     if not names:
         raise DataError("no images to cache: the metadata table is empty")
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    found = find_image_cache(root, image_size, names, paths)
-    if found is not None:
-        return found
-    key = _digest(CACHE_VERSION, image_size, *names, *paths)
-    directory = root / f"images_{image_size}px_{key}"
-    excluded = _decode_into(directory, names, paths, image_size, num_workers, progress, loader)
-    index = {"version": CACHE_VERSION, "image_size": image_size, "key": key, "count": len(names),
-             "names": names, "paths": paths, "excluded": excluded}
+    stamps = _stamps(paths)
+    target = None
+    for cache in _candidates(root, image_size, names, paths):
+        changed, damaged = cache._faults(cache.rows(names), stamps)
+        if not len(changed) and not len(damaged):
+            return cache
+        target = target or cache.directory    # repaired in place: only its stale rows are decoded
+    exact = _folder(root, image_size, names, paths)
+    for directory in dict.fromkeys([target or exact, exact]):
+        with _exclusive(directory / LOCK, f"building the image cache {directory}"):
+            cache = _update(directory, directory == exact, names, paths, image_size, num_workers,
+                            progress, loader)
+        if cache is not None:
+            return cache
+    raise AssertionError("unreachable: the exact folder is always updated")
+
+
+@dataclass
+class _Progress:
+    """What is known of each row of a cache folder while it is (re)built."""
+    done: np.ndarray                  # bool: decoded, or tried and excluded
+    crc: np.ndarray                   # int64 CRC-32 of the row's bytes, as decoded
+    stamps: np.ndarray                # int64 [N, 2]: its PNG's (size, mtime_ns) before decoding
+    excluded: dict[int, str] = field(default_factory=dict)
+
+    @classmethod
+    def fresh(cls, n: int) -> "_Progress":
+        return cls(np.zeros(n, bool), np.zeros(n, np.int64), np.full((n, 2), -2, np.int64))
+
+    @classmethod
+    def of(cls, cache: ImageCache) -> "_Progress":
+        return cls(np.ones(len(cache), bool), cache._crc.copy(), cache._stamps.copy(),
+                   {cache._row[n]: why for n, why in cache.excluded.items()})
+
+    @classmethod
+    def load(cls, path: Path, n: int) -> Optional["_Progress"]:
+        """The progress an interrupted build saved, or None. Excluded images are not saved: a
+        resumed build tries them again."""
+        try:
+            saved = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            log.warning("ignoring the unreadable %s (%s): building from scratch", path, e)
+            return None
+        if saved.dtype != PROGRESS_DTYPE or saved.shape != (n,):
+            log.warning("ignoring %s: it does not describe %d rows", path, n)
+            return None
+        return cls(saved["done"] == 1, saved["crc"].astype(np.int64),
+                   np.stack([saved["size"], saved["mtime_ns"]], 1))
+
+    def save(self, path: Path) -> None:
+        saved = np.zeros(len(self.done), PROGRESS_DTYPE)
+        saved["done"] = self.done
+        saved["done"][list(self.excluded)] = 0
+        saved["crc"], saved["size"], saved["mtime_ns"] = self.crc, self.stamps[:, 0], self.stamps[:, 1]
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:    # a file object: np.save would add ".npy" to a name
+                np.save(f, saved)
+        atomic_write(path, write)
+
+
+def _update(directory: Path, exact: bool, names: list[str], paths: list[str], size: int,
+            num_workers: Optional[int], progress: bool, loader: Loader) -> Optional[ImageCache]:
+    """Under the folder's lock: bring the cache in directory up to date for the images (names,
+    paths), decoding only the rows that are missing, changed or damaged. None when directory is a
+    larger cache whose index vanished meanwhile (the caller then builds the exact folder)."""
+    for tmp in orphan_temporaries(directory, INDEX) + orphan_temporaries(directory, PROGRESS):
+        tmp.unlink(missing_ok=True)   # left by a killed process; we hold the lock, no one writes them
+    cache = None
+    if (directory / INDEX).is_file():
+        try:
+            cache = ImageCache._read(directory)
+        except DataError as e:
+            log.warning("rebuilding the image cache: %s", e)
+    if cache is None and not exact:
+        return None
+    if cache is not None:
+        all_names, all_paths, key = cache.names, cache.paths, cache.key
+        state, scope = _Progress.of(cache), cache.rows(names)
+    else:
+        all_names, all_paths = names, paths
+        key = _digest(CACHE_VERSION, size, *names, *paths)
+        scope = np.arange(len(names))
+        state = _Progress.load(directory / PROGRESS, len(names)) if (directory / PROGRESS).is_file() else None
+        if state is None:    # rows left by a build that saved no progress are not trusted
+            (directory / IMAGES).unlink(missing_ok=True)
+            state = _Progress.fresh(len(names))
+    n = len(all_names)
+    array = _data_file(directory / IMAGES, n, size)
+    stamps = _stamps(paths)          # taken again under the lock: the wait for it may have been long
+    changed = scope[state.done[scope] & (stamps != state.stamps[scope]).any(1)]
+    cached = scope[state.done[scope] & ~np.isin(scope, list(state.excluded))]
+    damaged = cached[_crc_rows(array, cached) != state.crc[cached]]
+    todo = np.union1d(np.union1d(changed, damaged), np.flatnonzero(~state.done))
+    if cache is not None and not len(todo):
+        return cache                  # another process finished or repaired it while we waited
+    if len(changed) or len(damaged):
+        log.warning("image cache %s: decoding again %s", directory, _fault_text(all_names, changed, damaged))
+    elif state.done.any():
+        log.info("resuming the image cache %s: %d of %d images left", directory, len(todo), n)
+    state.done[todo] = False
+    for r in todo:
+        state.excluded.pop(int(r), None)
+    _decode_rows(array, todo, all_paths, state, directory / PROGRESS, size, num_workers, progress, loader)
+    index = {"version": CACHE_VERSION, "image_size": size, "key": key, "count": n,
+             "names": all_names, "paths": all_paths,
+             "excluded": {all_names[r]: state.excluded[r] for r in sorted(state.excluded)},
+             "source_size": state.stamps[:, 0].tolist(), "source_mtime_ns": state.stamps[:, 1].tolist(),
+             "crc32": state.crc.tolist()}
+    array.flush()                     # the rows reach the file before the index that vouches for them
     atomic_write_text(directory / INDEX, json.dumps(index) + "\n")
     (directory / PROGRESS).unlink(missing_ok=True)
-    cache = ImageCache(directory, index)
+    built = ImageCache(directory, index)
+    excluded = [r for r in todo if int(r) in state.excluded]
     if excluded:
-        log.warning("image cache: %s", cache.summary())
-    return cache
+        log.warning("image cache: %s", built.summary())
+    return built
 
 
-def _decode_into(directory: Path, names: list[str], paths: list[str], size: int,
-                 num_workers: Optional[int], progress: bool, loader: Loader) -> dict[str, str]:
-    """Fill directory/images.u8 with every row not yet done; return {name: reason} of the failures."""
+def _data_file(path: Path, n: int, size: int) -> np.memmap:
+    """images.u8 opened for writing at its right size. A file of the wrong size is resized in
+    place (never truncated to zero under a reader's mapping): rows past its old end read as zeros
+    and then fail their CRC, so exactly those are decoded again."""
+    want = n * size * size
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            f.truncate(want)
+    elif path.stat().st_size != want:
+        log.warning("%s is %d bytes, expected %d: resizing it; the rows it lost are decoded again",
+                    path, path.stat().st_size, want)
+        os.truncate(path, want)
+    return np.memmap(path, np.uint8, mode="r+", shape=(n, size, size))
+
+
+class _Decoded(NamedTuple):
+    rows: np.ndarray                  # every row of the task
+    stamps: np.ndarray                # their PNGs' (size, mtime_ns), taken before decoding
+    ok: np.ndarray                    # the rows decoded, in block order
+    block: np.ndarray                 # uint8 [len(ok), S, S]
+    crc: np.ndarray                   # CRC-32 of each decoded image
+    failures: list[tuple[int, str]]   # (row, reason) of the files that could not be decoded
+
+
+def _decode_rows(array: np.memmap, todo: np.ndarray, paths: list[str], state: _Progress, progress_file: Path,
+                 size: int, num_workers: Optional[int], progress: bool, loader: Loader) -> None:
+    """Decode the rows todo into array, recording each in state (persisted now and then)."""
     from tqdm.auto import tqdm
-    directory.mkdir(parents=True, exist_ok=True)
-    n, images, done_file = len(names), directory / IMAGES, directory / PROGRESS
-    resume = (images.is_file() and images.stat().st_size == n * size * size
-              and done_file.is_file() and done_file.stat().st_size == n)
-    done = np.fromfile(done_file, np.uint8).astype(bool) if resume else np.zeros(n, bool)
-    array = np.memmap(images, np.uint8, mode="r+" if resume else "w+", shape=(n, size, size))
-    todo = np.flatnonzero(~done)
-    if resume:
-        log.info("resuming the image cache %s: %d of %d images left", directory, len(todo), n)
+    n = len(state.done)
     tasks = [(rows, [paths[r] for r in rows], size, loader) for rows in np.array_split(
-        todo, max(1, -(-len(todo) // CHUNK)))]
+        todo, max(1, -(-len(todo) // CHUNK))) if len(rows)]
     workers = usable_cores() if num_workers is None else num_workers
     workers = min(workers, len(tasks))
-    excluded: dict[str, str] = {}
     bar = tqdm(total=n, initial=n - len(todo), desc=f"image cache {size}px", unit="img", disable=not progress)
     pool = multiprocessing.Pool(workers) if workers > 1 else None
     saved = time.monotonic()
     try:
         results = pool.imap_unordered(_decode_chunk, tasks) if pool else map(_decode_chunk, tasks)
-        for rows, block, failures in results:
-            array[rows] = block
-            done[rows] = True
-            for r, reason in failures:
-                excluded[names[r]] = reason
+        for got in results:
+            array[got.ok] = got.block
+            state.crc[got.ok] = got.crc
+            state.stamps[got.rows] = got.stamps
+            state.done[got.rows] = True
+            for r, reason in got.failures:
+                state.excluded[r] = reason
                 log.warning("not cached: %s", reason)
-            bar.update(len(rows) + len(failures))
+            bar.update(len(got.rows))
             if time.monotonic() - saved > SAVE_EVERY_S:
-                _save_done(array, done, done_file)
+                array.flush()         # the rows reach the file before the progress that says so
+                state.save(progress_file)
                 saved = time.monotonic()
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
-        _save_done(array, done, done_file)
+        array.flush()
+        state.save(progress_file)
         bar.close()
-    return {name: excluded[name] for name in names if name in excluded}
 
 
-def _save_done(array: np.memmap, done: np.ndarray, path: Path) -> None:
-    array.flush()   # the rows reach the file before the mask that says they are there
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(done.astype(np.uint8).tobytes()))
-
-
-def _decode_chunk(task) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+def _decode_chunk(task) -> _Decoded:
     rows, paths, size, loader = task
-    ok, images, failures = [], [], []
+    stamps, ok, images, failures = [], [], [], []
     for r, p in zip(rows, paths):
+        stamps.append(_stamp(p))   # before decoding: a file replaced meanwhile is decoded again next time
         try:
             img = loader(p, size)
         except (ImageDecodeError, FileNotFoundError) as e:
@@ -310,7 +600,8 @@ def _decode_chunk(task) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
         ok.append(int(r))
         images.append(img)
     block = np.stack(images) if images else np.zeros((0, size, size), np.uint8)
-    return np.asarray(ok, np.int64), block, failures
+    return _Decoded(np.asarray(rows, np.int64), np.array(stamps, np.int64).reshape(-1, 2),
+                    np.asarray(ok, np.int64), block, _crc32(block), failures)
 
 
 # --------------------------------------------------------------------------- feature cache
@@ -402,9 +693,12 @@ def build_feature_cache(model, images: CachedImageDataset, device: torch.device 
 
     placement: "device" keeps them in a tensor on device (on a CPU device: in host memory);
     "disk" in a memory-mapped file in directory (default: the image cache's folder), reused by a
-    later run whose trunk weights, images, dtype and autocast are the same; "auto": the GPU when
-    they fit beside room for training, else disk. Valid only for the trunk weights they were
-    computed with (see FeatureCache.check).
+    later run whose trunk weights, images, dtype and autocast are the same, once its meta and the
+    CRC-32 of every row are checked (a file that fails is computed again); "auto": the GPU when
+    they fit beside room for training, else disk. Two processes building one file take turns (a
+    file lock), and the file appears under its name only when complete. Non-finite features (an
+    fp16 overflow) raise DataError here rather than a NaN loss later. Valid only for the trunk
+    weights they were computed with (see FeatureCache.check).
     """
     if dtype not in FEATURE_DTYPES:
         raise ValueError(f"feature dtype must be one of {list(FEATURE_DTYPES)}, got {dtype}")
@@ -423,36 +717,106 @@ def build_feature_cache(model, images: CachedImageDataset, device: torch.device 
     nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
     if placement == "auto":
         placement = "device" if _fits_on_device(nbytes, device) else "disk"
-    path = None
+
+    def compute(out: torch.Tensor | np.ndarray) -> list[int]:
+        return _compute_features(model, images, out, device, batch_size, amp_dtype, dtype, progress)
+
     if placement == "device":
         out = torch.empty(shape, dtype=dtype, device=device)
-    else:
-        path = Path(directory or images.cache.directory) / f"features_{key}.bin"
-        meta = path.with_suffix(".json")
-        if meta.is_file() and json.loads(meta.read_text())["key"] == key:
-            out = np.memmap(path, FEATURE_DTYPES[dtype], mode="r", shape=shape)
-            return FeatureCache(out, names, key, trunk, device, path)
-        meta.unlink(missing_ok=True)
-        out = np.memmap(path, FEATURE_DTYPES[dtype], mode="w+", shape=shape)
+        compute(out)
+        return FeatureCache(out, names, key, trunk, device)
+    path = Path(directory or images.cache.directory) / f"features_{key}.bin"
+    expect = {"key": key, "shape": list(shape), "dtype": str(dtype), "names": len(names), "bytes": nbytes}
+    np_dtype = FEATURE_DTYPES[dtype]
+    found, _ = _open_features(path, expect, names, np_dtype)
+    if found is None:
+        with _exclusive(path.with_suffix(".lock"), f"building the feature cache {path}"):
+            found, why = _open_features(path, expect, names, np_dtype)   # built by another process?
+            if found is None:
+                if why:
+                    log.warning("computing the feature cache again: %s", why)
+                found = _write_features(path, expect, np_dtype, compute)
+    return FeatureCache(found, names, key, trunk, device, path)
 
+
+def _open_features(path: Path, expect: dict, names: Sequence[str],
+                   np_dtype: type) -> tuple[Optional[np.memmap], str]:
+    """(the features in path, "") when its meta matches expect and every row its CRC-32, else
+    (None, why not: "" when there is no complete file at all)."""
+    meta = path.with_suffix(".json")
+    if not meta.is_file():
+        return None, ""
+    try:
+        saved = json.loads(meta.read_text(encoding="utf-8"))
+        crc = np.asarray(saved["crc32"], np.int64)
+        mismatch = {k: saved.get(k) for k, v in expect.items() if saved.get(k) != v}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return None, f"{meta} is unreadable or malformed ({e!r})"
+    if mismatch or crc.shape != (len(names),):
+        return None, f"{meta} describes {mismatch or 'another number of rows'}, not {expect}"
+    size = path.stat().st_size if path.is_file() else None
+    if size != expect["bytes"]:
+        return None, f"{path} is {'missing' if size is None else f'{size} bytes'}, expected {expect['bytes']}"
+    features = np.memmap(path, np_dtype, mode="r", shape=tuple(expect["shape"]))
+    bad = np.flatnonzero(_crc_rows(features, np.arange(len(names))) != crc)
+    if len(bad):
+        return None, (f"{len(bad)} row(s) of {path} fail their CRC-32 (first: {_first(names, bad)}): "
+                      f"the file is damaged")
+    return features, ""
+
+
+def _write_features(path: Path, expect: dict, np_dtype: type,
+                    compute: Callable[[np.ndarray], list[int]]) -> np.memmap:
+    """Compute the features into a temporary file renamed to path when complete, then write the
+    meta that vouches for them. A process killed midway leaves only a temporary, removed here by
+    the next build (which holds the lock, so no one else is writing it)."""
+    meta = path.with_suffix(".json")
+    meta.unlink(missing_ok=True)      # the old file, if any, is no longer vouched for
+    for tmp in orphan_temporaries(path.parent, path.name) + orphan_temporaries(path.parent, meta.name):
+        tmp.unlink(missing_ok=True)
+    crc: list[int] = []
+
+    def write(tmp: str) -> None:
+        out = np.memmap(tmp, np_dtype, mode="w+", shape=tuple(expect["shape"]))
+        crc.extend(compute(out))
+        out.flush()
+
+    atomic_write(path, write)
+    atomic_write_text(meta, json.dumps({**expect, "crc32": crc}) + "\n")
+    return np.memmap(path, np_dtype, mode="r", shape=tuple(expect["shape"]))
+
+
+def _compute_features(model, images: CachedImageDataset, out: torch.Tensor | np.ndarray, device: torch.device,
+                      batch_size: int, amp_dtype: Optional[torch.dtype], dtype: torch.dtype,
+                      progress: bool) -> list[int]:
+    """Fill out with model.trunk over images; return the CRC-32 of each row when out is an array
+    (the bytes meant for the file, checksummed before they reach it)."""
     from tqdm.auto import tqdm
     was_training = model.training
     model.eval()
     loader = DataLoader(images, batch_size=batch_size, shuffle=False, pin_memory=device.type == "cuda")
-    start = 0
-    for x, _ in tqdm(loader, desc="feature cache", unit="batch", disable=not progress, leave=False):
-        with autocast(device, amp_dtype):
-            f = model.trunk(to_input(x, device, amp_dtype))
-        stop = start + len(f)
-        if isinstance(out, torch.Tensor):
-            out[start:stop] = f
-        else:
-            out[start:stop] = f.to("cpu", dtype).numpy()
-        start = stop
-    model.train(was_training)
-    if path is not None:
-        out.flush()
-        out = np.memmap(path, FEATURE_DTYPES[dtype], mode="r", shape=shape)
-        atomic_write_text(path.with_suffix(".json"), json.dumps(
-            {"key": key, "shape": list(shape), "dtype": str(dtype), "names": len(names)}) + "\n")
-    return FeatureCache(out, names, key, trunk, device, path)
+    start, crc, finite = 0, [], []
+    try:
+        for x, _ in tqdm(loader, desc="feature cache", unit="batch", disable=not progress, leave=False):
+            with autocast(device, amp_dtype):
+                f = model.trunk(to_input(x, device, amp_dtype))
+            f = f.to(dtype)           # fp16 storage: a value beyond 65504 becomes inf, caught below
+            finite.append(torch.isfinite(f).flatten(1).all(1))
+            stop = start + len(f)
+            if isinstance(out, torch.Tensor):
+                out[start:stop] = f
+            else:
+                block = f.cpu().numpy()
+                out[start:stop] = block
+                crc.extend(_crc32(block).tolist())
+            start = stop
+    finally:
+        model.train(was_training)
+    bad = np.flatnonzero(~torch.cat(finite).cpu().numpy()) if finite else np.zeros(0, np.int64)
+    if len(bad):
+        names = images.frame["image"].tolist()
+        hint = ("float16 holds values up to 65504: use feature_dtype='float32'" if dtype == torch.float16
+                else "check the model's trunk weights")
+        raise DataError(f"the trunk gave non-finite layer3 features for {len(bad)} image(s) (first: "
+                        f"{_first(names, bad)}) from the image cache {images.cache.directory}: {hint}")
+    return crc

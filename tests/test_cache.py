@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -12,9 +13,10 @@ import torch
 
 import fedxray
 from fedxray import Config, load_gray, run_federated
-from fedxray.cache import (INDEX, PROGRESS, CachedImageDataset, build_feature_cache, build_image_cache,
-                           find_image_cache)
-from fedxray.data import DataError
+from fedxray.cache import (CACHE_VERSION, IMAGES, INDEX, PROGRESS, CachedImageDataset, ImageCache,
+                           build_feature_cache, build_image_cache, find_image_cache)
+from fedxray.data import DataError, ImageDecodeError
+from fedxray.io import file_lock, orphan_temporaries
 from fedxray.federated import FederatedRun
 
 from conftest import ROOT, write_tiny_nih
@@ -66,7 +68,7 @@ def test_interrupted_build_resumes_to_the_same_bytes(tiny_meta, tmp_path, monkey
     folder = tmp_path / "b" / whole.directory.name
     assert not (folder / INDEX).exists()                      # incomplete: no index, never used
     assert find_image_cache(tmp_path / "b", SIZE, tiny_meta.image.tolist(), tiny_meta.path.tolist()) is None
-    assert np.fromfile(folder / PROGRESS, np.uint8).sum() == 8   # two whole chunks of 4 were saved
+    assert np.load(folder / PROGRESS)["done"].sum() == 8      # two whole chunks of 4 were saved
 
     resumed_calls = []
 
@@ -139,6 +141,232 @@ def test_feature_cache_is_tied_to_the_trunk_and_reused_from_disk(tiny_meta, tmp_
     with pytest.raises(ValueError, match="trunk differs"):
         feats.check(model)
     assert build_feature_cache(model, images, "cpu", placement="disk", progress=False).path != feats.path
+
+
+# ------------------------------------------------------------------ nothing read back is trusted
+
+def _counting(calls):
+    def loader(path, size):
+        calls.append(path)
+        return load_gray(path, size)
+    return loader
+
+
+def _write_png(path, seed, size=32):
+    from PIL import Image
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+@pytest.fixture()
+def own_nih(tmp_path):
+    """A tiny dataset of the test's own, free to damage."""
+    return fedxray.load_nih(write_tiny_nih(tmp_path / "nih", num_patients=6, images_per_patient=2))
+
+
+def test_replaced_png_is_decoded_again_and_only_it(own_nih, tmp_path):
+    meta = own_nih
+    first = build_image_cache(meta, SIZE, tmp_path / "cache", num_workers=0, progress=False)
+    _write_png(meta.path[4], seed=99)                         # replaced at the same path
+    with pytest.raises(DataError, match=f"changed on disk.*{meta.image[4]}.*build_image_cache"):
+        ImageCache.open(first.directory)
+    assert find_image_cache(tmp_path / "cache", SIZE, meta.image.tolist(), meta.path.tolist()) is None
+    calls = []
+    again = build_image_cache(meta, SIZE, tmp_path / "cache", num_workers=0, progress=False,
+                              loader=_counting(calls))
+    assert calls == [meta.path[4]] and again.directory == first.directory
+    np.testing.assert_array_equal(again.dataset(meta).gray(4), load_gray(meta.path[4], SIZE))
+    ImageCache.open(again.directory)                          # up to date again
+
+
+def test_repaired_png_is_included_again(own_nih, tmp_path):
+    meta = own_nih
+    good = open(meta.path[3], "rb").read()
+    with open(meta.path[3], "r+b") as f:                      # a corrupt download...
+        f.truncate(40)
+    cache = build_image_cache(meta, SIZE, tmp_path / "cache", num_workers=0, progress=False)
+    assert list(cache.excluded) == [meta.image[3]]
+    open(meta.path[3], "wb").write(good)                      # ...downloaded again, as the error advised
+    calls = []
+    fixed = build_image_cache(meta, SIZE, tmp_path / "cache", num_workers=0, progress=False,
+                              loader=_counting(calls))
+    assert calls == [meta.path[3]] and not fixed.excluded and fixed.directory == cache.directory
+    np.testing.assert_array_equal(fixed.dataset(meta).gray(3), load_gray(meta.path[3], SIZE))
+
+
+def test_truncated_data_file_is_refused_then_rebuilt_from_where_it_ends(own_nih, tmp_path):
+    meta = own_nih
+    cache = build_image_cache(meta, SIZE, tmp_path / "cache", num_workers=0, progress=False)
+    whole = (cache.directory / IMAGES).read_bytes()
+    os.truncate(cache.directory / IMAGES, 7 * SIZE * SIZE + 100)   # rows 0-6 intact, row 7 partly
+    with pytest.raises(DataError, match="images.u8 is .* bytes, expected .*truncated.*build_image_cache"):
+        ImageCache.open(cache.directory)
+    calls = []
+    again = build_image_cache(meta, SIZE, tmp_path / "cache", num_workers=0, progress=False,
+                              loader=_counting(calls))
+    assert calls == meta.path[7:].tolist()                    # exactly the rows it lost
+    assert (again.directory / IMAGES).read_bytes() == whole
+
+
+def test_flipped_byte_is_detected_and_only_its_row_rebuilt(own_nih, tmp_path):
+    meta = own_nih
+    cache = build_image_cache(meta, SIZE, tmp_path / "cache", num_workers=0, progress=False)
+    whole = (cache.directory / IMAGES).read_bytes()
+    with open(cache.directory / IMAGES, "r+b") as f:
+        f.seek(5 * SIZE * SIZE + 123)
+        byte = f.read(1)[0]
+        f.seek(-1, 1)
+        f.write(bytes([byte ^ 0x10]))
+    with pytest.raises(DataError, match=f"1 cached row.*CRC.*{meta.image[5]}"):
+        ImageCache.open(cache.directory)
+    calls = []
+    again = build_image_cache(meta, SIZE, tmp_path / "cache", num_workers=0, progress=False,
+                              loader=_counting(calls))
+    assert calls == [meta.path[5]] and (again.directory / IMAGES).read_bytes() == whole
+
+
+def test_larger_cache_gets_the_same_checks_and_is_repaired_in_place(own_nih, tmp_path):
+    meta = own_nih
+    whole = build_image_cache(meta, SIZE, tmp_path / "cache", num_workers=0, progress=False)
+    _write_png(meta.path[2], seed=7)
+    calls = []
+    untouched = meta.iloc[[0, 1, 5]]                          # row 2 is not served: reused as is
+    assert build_image_cache(untouched, SIZE, tmp_path / "cache", num_workers=0, progress=False,
+                             loader=_counting(calls)).directory == whole.directory and not calls
+    part = meta.iloc[[0, 2, 5]]
+    got = build_image_cache(part, SIZE, tmp_path / "cache", num_workers=0, progress=False,
+                            loader=_counting(calls))
+    assert got.directory == whole.directory and calls == [meta.path[2]]
+    np.testing.assert_array_equal(got.dataset(part).gray(1), load_gray(meta.path[2], SIZE))
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [whole.directory.name]
+
+
+def test_old_cache_version_is_refused_and_a_new_one_built(own_nih, tmp_path, caplog):
+    meta = own_nih
+    old = tmp_path / "cache" / f"images_{SIZE}px_0123456789abcdef"
+    old.mkdir(parents=True)
+    (old / INDEX).write_text(json.dumps({"version": CACHE_VERSION - 1, "image_size": SIZE}))
+    with pytest.raises(DataError, match="version .*delete the folder"):
+        ImageCache.open(old)
+    cache = build_image_cache(meta, SIZE, tmp_path / "cache", num_workers=0, progress=False)
+    assert cache.directory != old and str(old) in caplog.text and "delete the folder" in caplog.text
+
+
+def test_undecodable_image_is_excluded_and_named(own_nih, tmp_path, monkeypatch):
+    """Whatever load_gray raises ImageDecodeError for (here Pillow's DecompressionBombError for a
+    PNG above Image.MAX_IMAGE_PIXELS) is excluded and named, and the rest is built."""
+    meta = own_nih
+
+    def refuses_one(path, size):
+        if path == meta.path[1]:
+            raise ImageDecodeError(f"cannot decode image {path}: too large")
+        return load_gray(path, size)
+    cache = build_image_cache(meta, SIZE, tmp_path / "a", num_workers=0, progress=False, loader=refuses_one)
+    assert list(cache.excluded) == [meta.image[1]] and meta.path[1] in cache.excluded[meta.image[1]]
+
+    from PIL import Image
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)      # 32x32 = 1024 > 2 x 100: a "bomb"
+    bombs = build_image_cache(meta.iloc[:2], SIZE, tmp_path / "b", num_workers=0, progress=False)
+    assert sorted(bombs.excluded) == meta.image[:2].tolist()
+    assert all(p in bombs.excluded[n] for n, p in zip(meta.image[:2], meta.path[:2]))
+
+
+# The feature cache
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return fedxray.build_model(weights=None)
+
+
+@pytest.fixture()
+def feature_setup(resnet, tiny_meta, tmp_path, monkeypatch):
+    """The model (tests patch its trunk through monkeypatch) and 6 cached images of their own."""
+    meta = tiny_meta.iloc[:6]
+    images = build_image_cache(meta, SIZE, tmp_path, num_workers=0, progress=False).dataset(meta)
+    monkeypatch.setattr(resnet, "trunk", resnet.trunk)
+    return resnet, images
+
+
+def _features(model, images, **kw):
+    return build_feature_cache(model, images, "cpu", batch_size=4, placement="disk", progress=False, **kw)
+
+
+def test_damaged_or_mismatched_feature_file_is_computed_again(feature_setup, caplog):
+    model, images = feature_setup
+    feats = _features(model, images)
+    good = np.array(feats.features)
+    del feats.features
+    with open(feats.path, "r+b") as f:                        # one flipped bit in row 4
+        f.seek(4 * good[0].nbytes + 10)
+        byte = f.read(1)[0]
+        f.seek(-1, 1)
+        f.write(bytes([byte ^ 0x01]))
+    again = _features(model, images)
+    assert "fail their CRC-32" in caplog.text and images.frame.image[4] in caplog.text
+    np.testing.assert_array_equal(np.array(again.features), good)
+
+    meta = feats.path.with_suffix(".json")
+    saved = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**saved, "shape": [1, 2, 3]}))
+    caplog.clear()
+    np.testing.assert_array_equal(np.array(_features(model, images).features), good)
+    assert "describes" in caplog.text and str(meta) in caplog.text
+
+
+def test_feature_build_killed_midway_leaves_nothing_trusted(feature_setup):
+    model, images = feature_setup
+    real = model.trunk
+    calls = []
+
+    def dies_on_the_second_batch(x):
+        calls.append(len(x))
+        if len(calls) == 3:                                   # the probe, one batch, then death
+            raise KeyboardInterrupt("simulated crash")
+        return real(x)
+    model.trunk = dies_on_the_second_batch                    # undone by feature_setup's monkeypatch
+    with pytest.raises(KeyboardInterrupt):
+        _features(model, images)
+    folder = images.cache.directory
+    assert not list(folder.glob("features_*.bin")) and not list(folder.glob("features_*.json"))
+    assert not list(folder.glob(".features_*.tmp"))
+    model.trunk = real
+    feats = _features(model, images)
+    orphan = folder / f".{feats.path.name}.abc.tmp"           # what a SIGKILL mid-write leaves
+    orphan.write_bytes(b"half")
+    feats.path.with_suffix(".json").unlink()                  # force a rebuild: it clears orphans
+    _features(model, images)
+    assert not orphan_temporaries(folder, feats.path.name)
+
+
+def test_non_finite_features_are_an_error_not_a_nan_loss(feature_setup):
+    model, images = feature_setup
+    real = model.trunk
+    model.trunk = lambda x: real(x) * 1e6                     # beyond float16's 65504
+    with pytest.raises(DataError, match="non-finite.*float32"):
+        build_feature_cache(model, images, "cpu", placement="device", progress=False)
+    with pytest.raises(DataError, match="non-finite"):
+        _features(model, images)
+    assert not [p for p in images.cache.directory.glob("*features_*") if p.suffix != ".lock"]
+
+
+def test_feature_build_waits_for_another_builder(feature_setup, caplog):
+    import threading
+    model, images = feature_setup
+    first = _features(model, images)
+    first.path.with_suffix(".json").unlink()
+    result = {}
+    with file_lock(first.path.with_suffix(".lock")):          # as another process would hold it
+        worker = threading.Thread(target=lambda: result.update(f=_features(model, images)))
+        worker.start()
+        deadline = time.monotonic() + 30
+        while "waiting" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "waiting" in caplog.text and str(first.path) in caplog.text
+        time.sleep(0.5)
+        assert worker.is_alive() and not first.path.with_suffix(".json").exists()
+    worker.join(30)
+    assert result["f"].path == first.path and first.path.with_suffix(".json").exists()
 
 
 # ------------------------------------------------------------------ whole runs against the PNG path
