@@ -17,8 +17,10 @@ import torch
 
 import fedxray
 from fedxray import Config, run_federated
-from fedxray.flower import (APP_DIR, SERVER_KEYS, config_from_run_config, run_config_from_config,
-                            write_client_folders, write_nih_folder, write_run_config)
+from fedxray.checkpoint import load_checkpoint
+from fedxray.flower import (APP_DIR, config_from_run_config, run_config_from_config, write_client_folders,
+                            write_nih_folder, write_run_config)
+from fedxray.flower.runconfig import FLOWER_KEYS, FaultPolicy, fault_policy
 from fedxray.model import EXCHANGED_PREFIXES, exchanged_keys, get_state
 
 DEADLINE_S = 300          # the whole federation test, from the first process to the last file
@@ -65,15 +67,22 @@ def test_app_run_config_is_every_config_field_with_its_default(tmp_path):
     assert app["components"] == {"serverapp": "fedxray.flower.server_app:app",
                                  "clientapp": "fedxray.flower.client_app:app"}
     keys = set(app["config"])
-    assert keys == set(run_config_from_config(Config())) | set(SERVER_KEYS)
+    assert keys == set(run_config_from_config(Config())) | set(FLOWER_KEYS)
     assert config_from_run_config(app["config"]) == Config(progress=False)
+    assert fault_policy(app["config"], Config()) == FaultPolicy() == FaultPolicy(None, 3600.0)   # strict
     cfg = Config(**TINY, max_images=7, lr=1e-05)
-    path = write_run_config(tmp_path / "run.toml", cfg, "out", "val", "test")
+    path = write_run_config(tmp_path / "run.toml", cfg, "out", "val", "test", FaultPolicy(1, 30.0))
     values = tomllib.loads(path.read_text())
     assert config_from_run_config(values) == cfg
+    assert fault_policy(values, cfg) == FaultPolicy(1, 30.0)
     assert Path(values["output-dir"]).is_absolute() and set(values) == keys
     with pytest.raises(ValueError, match="neither a fedxray Config field"):
         config_from_run_config({"batch_size": 8})
+    for bad in (0, 3, 1.5, True):   # TINY samples 2 clients per round
+        with pytest.raises(ValueError, match="min-replies"):
+            fault_policy({"min-replies": bad}, cfg)
+    with pytest.raises(ValueError, match="round-timeout"):
+        fault_policy({"round-timeout": 0}, cfg)
 
 
 # ----------------------------------------------------------------------------- with flwr, in process
@@ -94,38 +103,50 @@ def _message(content, message_type, src=1, dst=2):
     return Message(content=content, metadata=meta)
 
 
+def _strategy(states, counts, **config):
+    """A FedXrayAvg that sent states' shape of zeros to clients 0..n-1 on nodes 10, 11, ..."""
+    from fedxray.flower.strategy import FedXrayAvg
+    strategy = FedXrayAvg(Config(num_clients=len(counts), **config), list(states[0]))
+    strategy.chosen = list(range(len(counts)))
+    strategy.node_of = {k: 10 + k for k in range(len(counts))}
+    strategy.client_examples = dict(enumerate(counts))
+    strategy.sent = {k: torch.zeros_like(v) for k, v in states[0].items()}
+    return strategy
+
+
 def test_flower_aggregation_is_fedxray_fedavg():
     pytest.importorskip("flwr", reason="flwr not installed: pip install -e '.[flower]'")
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
     from fedxray.client import ClientUpdate
-    from fedxray.flower.records import aggregate, to_state, train_reply
-    from fedxray.flower.strategy import FedXrayAvg
+    from fedxray.flower.records import to_state, train_reply
+    from fedxray.flower.strategy import RoundFailed
 
     states = _random_states(3)
     counts = [5, 17, 2]
     replies = [train_reply(ClientUpdate(s, n, 0.1 * (k + 1)), k) for k, (s, n) in enumerate(zip(states, counts))]
-    shuffled = [replies[i] for i in (2, 0, 1)]                             # arrival order is arbitrary
+    order = (2, 0, 1)                                                      # arrival order is arbitrary
+    messages = [_message(replies[i], "train", src=10 + i) for i in order]
     expected = fedxray.fedavg(states, counts)
-    got, pairs = aggregate(shuffled, list(states[0]))
-    assert [k for k, _ in pairs] == [0, 1, 2]
-    for key in expected:
-        assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), key
 
-    # The strategy's aggregate_train returns exactly that state and the example-weighted loss.
-    strategy = FedXrayAvg(Config(num_clients=3), list(states[0]))
-    strategy.chosen = [0, 1, 2]
-    arrays, metrics = strategy.aggregate_train(1, [_message(c, "train", src=10 + i) for i, c in enumerate(shuffled)])
+    # The strategy's aggregate_train returns exactly fedxray.fedavg's state and the example-weighted
+    # loss (num_batches_tracked: up to 50 batches, within local_epochs x ceil(n / batch_size)).
+    strategy = _strategy(states, counts, batch_size=1, local_epochs=25)
+    seen = []
+    strategy.on_train = lambda r, ids, updates, dropped: seen.append((r, ids, dropped))
+    arrays, metrics = strategy.aggregate_train(1, messages)
     for key, value in to_state(arrays).items():
-        assert torch.equal(value, expected[key]), key
+        assert value.dtype == expected[key].dtype and torch.equal(value, expected[key]), key
     assert metrics["train_loss"] == pytest.approx(np.average([0.1, 0.2, 0.3], weights=counts))
-    strategy.chosen = [0, 1, 2, 3]
-    with pytest.raises(RuntimeError, match=r"clients \[0, 1, 2, 3\] were asked"):
-        strategy.aggregate_train(1, [_message(c, "train") for c in shuffled])
+    assert seen == [(1, [0, 1, 2], [])]
+    strategy.chosen = [0, 1, 2, 3]                                        # client 3 never answered
+    strategy.node_of[3], strategy.client_examples[3] = 13, 4
+    with pytest.raises(RoundFailed, match=r"client 3 \(node 13\) no_reply: no reply within round-timeout"):
+        strategy.aggregate_train(1, messages)
 
     # Flower's own FedAvg aggregation agrees on float entries to float32 rounding, but sums in
     # float32 and returns num_batches_tracked as an unrounded float64: why fedxray.fedavg is used.
-    flower = to_state(aggregate_arrayrecords(shuffled, "num-examples"))
+    flower = to_state(aggregate_arrayrecords([replies[i] for i in order], "num-examples"))
     for key in expected:
         if expected[key].is_floating_point():
             torch.testing.assert_close(flower[key], expected[key], rtol=1e-6, atol=1e-6)
@@ -138,6 +159,7 @@ def test_client_app_replies_with_exactly_the_exchanged_keys(tiny_splits, tmp_pat
     pytest.importorskip("flwr", reason="flwr not installed: pip install -e '.[flower]'")
     from flwr.app import ConfigRecord, Context, RecordDict
 
+    from fedxray.checkpoint import image_list_digest
     from fedxray.flower import client_app
     from fedxray.flower.records import check_trunk, to_record
     from fedxray.model import trunk_digest
@@ -147,7 +169,9 @@ def test_client_app_replies_with_exactly_the_exchanged_keys(tiny_splits, tmp_pat
     ctx = Context(run_id=1, node_id=2, node_config={"data-dir": str(dirs[1]), "client-id": 1},
                   state=RecordDict(), run_config=run_config_from_config(config))
     answer = client_app.app(_message(RecordDict(), "query"), ctx)
-    assert dict(answer.content["metrics"]) == {"client-id": 1, "num-examples": len(fedxray.load_nih(dirs[1]))}
+    frame = fedxray.load_nih(dirs[1])
+    assert dict(answer.content["metrics"]) == {"client-id": 1, "num-examples": len(frame)}
+    assert dict(answer.content["config"]) == {"image-list-digest": image_list_digest(frame)}
 
     torch.manual_seed(config.seed)
     model = fedxray.build_model(14, None)
@@ -174,12 +198,6 @@ def test_server_refuses_what_the_flower_app_cannot_do(tiny_splits, tmp_path):
         ServerRun(Config(**TINY, bn_policy="local"), val, val, tmp_path / "out")
     with pytest.raises(ValueError, match="max_images"):
         ServerRun(Config(**TINY, max_images=10), val, val, tmp_path / "out")
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "checkpoint.pt").write_bytes(b"")
-    with pytest.raises(ValueError, match="feature_cache"):
-        ServerRun(Config(**TINY, feature_cache=True), val, val, tmp_path / "out")
-    with pytest.raises(FileExistsError, match="does not resume"):
-        ServerRun(Config(**TINY), val, val, tmp_path / "out")
 
 
 # ----------------------------------------------------------------------------- a real federation
@@ -297,7 +315,8 @@ def _flower_env(home: Path) -> dict:
     return env
 
 
-def test_flower_deployment_equals_in_process_run(tiny_splits, tmp_path, processes):
+def need_flower_processes() -> None:
+    """Skip unless the Flower executables and /proc (to find and stop what they start) are here."""
     pytest.importorskip("flwr", reason="flwr not installed: pip install -e '.[flower]'")
     bin_dir = Path(sys.executable).parent
     for tool in ("flower-superlink", "flower-supernode", "flwr", "flower-superexec"):
@@ -305,6 +324,64 @@ def test_flower_deployment_equals_in_process_run(tiny_splits, tmp_path, processe
             pytest.skip(f"{tool} not found beside {sys.executable}: pip install -e '.[flower]'")
     if not Path("/proc/self/stat").exists():
         pytest.skip("needs /proc to find and stop every process Flower starts")
+
+
+class Federation:
+    """One SuperLink and one SuperNode per site folder on 127.0.0.1 (each site k is client k), and
+    `flwr run` against them, all started through a Processes."""
+
+    def __init__(self, processes: Processes, home: Path, sites, until: float):
+        self.processes, self.home, self.until = processes, home, until
+        self.port = _free_port()
+        processes.start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1",
+                                      "--port", str(self.port), "--disable-runtime-dependency-installation"],
+                        _flower_env(home / "home_superlink"))
+        for k, site in enumerate(sites):
+            processes.start(f"supernode_{k}", [
+                "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                "--host", "127.0.0.1", "--port", str(_free_port()),
+                "--node-config", f'data-dir="{site}" client-id={k}'], _flower_env(home / f"home_node_{k}"))
+        assert _wait_for_port(self.port, until), "the SuperLink did not open its port"
+        self.cli_env = _flower_env(home / "home_cli")
+        (home / "home_cli" / "config.toml").write_text(
+            f'[superlink]\ndefault = "fedxray-test"\n\n[superlink.fedxray-test]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+
+    def run(self, overrides: Path, name: str = "flwr_run") -> subprocess.Popen:
+        return self.processes.start(name, ["flwr", "run", str(APP_DIR), "fedxray-test", "--run-config",
+                                           str(overrides), "--stream"], self.cli_env)
+
+    def wait(self, done, what: str, run: subprocess.Popen, may_die=("flwr_run",)) -> None:
+        """Poll done() until it holds; fail on the deadline, when a process not in may_die
+        (prefixes) dies, or when `flwr run` ended and done() stays false for 10 s more."""
+        ended = None
+        while not done():
+            assert time.monotonic() < self.until, f"{what}: not after {DEADLINE_S} s"
+            self.processes.note_descendants()
+            dead = [d for d in self.processes.dead() if not d.startswith(tuple(may_die))]
+            assert not dead, f"died: {dead}"
+            if run.poll() is not None:
+                ended = ended or time.monotonic()
+                if time.monotonic() - ended > 10:
+                    pytest.fail(f"`flwr run` ended (exit {run.returncode}) before {what}")
+            time.sleep(0.5)
+
+    def serverapp_pids(self) -> list[int]:
+        """The ServerApp processes: `flwr-serverapp`, started by the SuperLink's SuperExec."""
+        self.processes.note_descendants()
+        pids = []
+        for pid in self.processes.seen:
+            try:
+                cmd = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(Path(part.decode(errors="replace")).name == "flwr-serverapp" for part in cmd[:2]):
+                pids.append(pid)
+        return pids
+
+
+def test_flower_deployment_equals_in_process_run(tiny_splits, tmp_path, processes):
+    need_flower_processes()
     until = time.monotonic() + DEADLINE_S
     config = Config(**TINY)
     parts = _frames(tiny_splits)
@@ -314,65 +391,41 @@ def test_flower_deployment_equals_in_process_run(tiny_splits, tmp_path, processe
     out = tmp_path / "flower_run"
     overrides = write_run_config(tmp_path / "run_config.toml", config, out, val_dir, test_dir)
 
-    link_port = _free_port()
     try:
-        processes.start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1",
-                                      "--port", str(link_port), "--disable-runtime-dependency-installation"],
-                        _flower_env(tmp_path / "home_superlink"))
-        for k, site in enumerate(sites):
-            processes.start(f"supernode_{k}", [
-                "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                "--host", "127.0.0.1", "--port", str(_free_port()),
-                "--node-config", f'data-dir="{site}" client-id={k}'], _flower_env(tmp_path / f"home_node_{k}"))
-        assert _wait_for_port(link_port, until), "the SuperLink did not open its port"
-        cli_env = _flower_env(tmp_path / "home_cli")
-        (tmp_path / "home_cli" / "config.toml").write_text(
-            f'[superlink]\ndefault = "fedxray-test"\n\n[superlink.fedxray-test]\n'
-            f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
-        run = processes.start("flwr_run", ["flwr", "run", str(APP_DIR), "fedxray-test", "--run-config",
-                                           str(overrides), "--stream"], cli_env)
+        federation = Federation(processes, tmp_path, sites, until)
+        run = federation.run(overrides)
 
         # The in-process simulation with the same seed, partition and client ids, meanwhile.
         sim = run_federated(config, tiny_splits, tmp_path / "sim_run", client_frames=parts)
 
         final = out / "final_model.pt"
-        while not final.exists():
-            assert time.monotonic() < until, f"no {final} after {DEADLINE_S} s"
-            processes.note_descendants()
-            dead = [d for d in processes.dead() if not d.startswith("flwr_run")]
-            assert not dead, f"died: {dead}"
-            if run.poll() is not None and not _appears(final, 10):
-                pytest.fail(f"`flwr run` ended (exit {run.returncode}) without writing {final}")
-            time.sleep(0.5)
-
-        got = torch.load(final, map_location="cpu", weights_only=False)
-        want = sim.model.state_dict()
-        assert set(got["state_dict"]) == set(want)
-        for key, value in want.items():
-            torch.testing.assert_close(got["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
-
-        # The same files, in the same formats, with the same numbers.
-        sim_dir = tmp_path / "sim_run"
-        assert json.loads((out / "config.json").read_text()) == json.loads((sim_dir / "config.json").read_text())
-        info, sim_info = (json.loads((d / "run_info.json").read_text()) for d in (out, sim_dir))
-        assert {k: info[k] for k in sim_info} == sim_info and info["engine"] == "flower"
-        ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
-        sim_ckpt = torch.load(sim_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
-        assert set(ckpt) == set(sim_ckpt) and ckpt["round"] == 2 and set(got) == {"state_dict", "labels", "config", "info"}
-        key_cols = ["round", "split", "client", "metric"]
-        h, sim_h = (pd.read_csv(d / "history.csv", dtype={"client": str}) for d in (out, sim_dir))
-        assert list(h.columns) == list(sim_h.columns)
-        assert h[key_cols].values.tolist() == sim_h[key_cols].values.tolist()   # same rows, same order
-        np.testing.assert_allclose(h["value"], sim_h["value"], rtol=1e-4, atol=1e-5, equal_nan=True)
+        federation.wait(final.exists, f"{final} is written", run)
+        compare_with_in_process(out, tmp_path / "sim_run", sim.model, rounds=config.num_rounds)
     except BaseException:
         print(processes.logs())
         raise
 
 
-def _appears(path: Path, seconds: float) -> bool:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if path.exists():
-            return True
-        time.sleep(0.2)
-    return path.exists()
+def compare_with_in_process(out: Path, sim_dir: Path, sim_model, rounds: int, own_info=()) -> None:
+    """A Flower run's files hold the in-process run's weights, config, run info (but the entries
+    own_info), checkpoint and history (the same rows in the same order, values to float tolerance)."""
+    got = torch.load(out / "final_model.pt", map_location="cpu", weights_only=True)
+    want = sim_model.state_dict()
+    assert set(got["state_dict"]) == set(want)
+    for key, value in want.items():
+        torch.testing.assert_close(got["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+    assert json.loads((out / "config.json").read_text()) == json.loads((sim_dir / "config.json").read_text())
+    info, sim_info = (json.loads((d / "run_info.json").read_text()) for d in (out, sim_dir))
+    assert {k: info[k] for k in sim_info if k not in own_info} == {k: v for k, v in sim_info.items()
+                                                                   if k not in own_info}
+    assert info["engine"] == "flower"
+    ckpt, sim_ckpt = (load_checkpoint(d / "checkpoint.pt") for d in (out, sim_dir))
+    assert set(ckpt) == set(sim_ckpt) and ckpt["round"] == rounds
+    assert set(got) == set(torch.load(sim_dir / "final_model.pt", map_location="cpu", weights_only=True))
+    assert ckpt["inputs"] == sim_ckpt["inputs"]          # the same trunk, val, test and client image lists
+    key_cols = ["round", "split", "client", "metric"]
+    h, sim_h = (pd.read_csv(d / "history.csv", dtype={"client": str}) for d in (out, sim_dir))
+    assert list(h.columns) == list(sim_h.columns)
+    assert h[key_cols].values.tolist() == sim_h[key_cols].values.tolist()   # same rows, same order
+    np.testing.assert_allclose(h["value"], sim_h["value"], rtol=1e-4, atol=1e-5, equal_nan=True)

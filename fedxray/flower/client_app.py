@@ -1,52 +1,85 @@
 """The Flower ClientApp of one hospital: it reads only its own NIH-layout folder (the SuperNode's
 node config data-dir), trains layer4 + fc with fedxray's Client, and replies with the exchanged
-state and three numbers (client id, number of examples, training loss). No image or label leaves."""
+state and three numbers (client id, number of examples, training loss). No image or label leaves.
+
+Every server message is checked before it is used (fedxray.flower.records.check_train_message).
+The deployment engine starts a fresh process for every message, so with image_cache or
+feature_cache on, the site's caches live on disk in its cache folder (node config cache-dir,
+default <data-dir>/.fedxray_cache): the first message decodes every PNG (and runs the frozen
+trunk over every image) once, and each later process opens them instead.
+"""
 from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
+import time
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from ..cache import build_feature_cache, build_image_cache
+from ..checkpoint import image_list_digest
 from ..client import Client
 from ..config import Config
 from ..data import LABELS, NIHDataset, load_nih
 from ..model import build_model
-from .records import (ARRAYS, CLIENT_ID, CONFIG, METRICS, NUM_EXAMPLES, SERVER_ROUND, TRUNK_DIGEST,
-                      check_trunk, to_state, train_reply)
-from .runconfig import check_supported, config_from_run_config, node_settings
+from .records import check_train_message, check_trunk, query_reply, train_reply
+from .runconfig import NodeSettings, check_supported, config_from_run_config, log_to_flower, node_settings
 
 log = logging.getLogger(__name__)
 
-# One Client per process, reused while the run config and node config stay the same. The
-# deployment engine starts a fresh process for every message, so there it lives one message.
-_cache: dict[str, Client] = {}
+
+@dataclass
+class Site:
+    """One hospital as its ClientApp sees it: its usable examples and a Client over them."""
+    frame: pd.DataFrame   # the rows it trains on (the image cache leaves undecodable images out)
+    client: Client
+    digest: str           # image_list_digest(frame): what the server stores and compares on resume
 
 
-def _frame(data_dir: Path) -> pd.DataFrame:
-    """The hospital's metadata with image paths: every row is one of its training examples."""
-    return load_nih(data_dir)
+# One Site per process, reused while the run config and node config stay the same. The deployment
+# engine starts a fresh process for every message, so there it lives one message.
+_sites: dict[str, Site] = {}
 
 
-def make_client(config: Config, data_dir: Path, client_id: int) -> Client:
-    """A fedxray Client over the hospital's folder, built as FederatedRun builds its clients."""
-    key = json.dumps([str(data_dir), client_id, config.to_dict()], sort_keys=True)
-    if key in _cache:
-        return _cache[key]
+def usable_frame(config: Config, node: NodeSettings):
+    """The hospital's metadata rows it can train on, and its image cache (None when off). With a
+    cache, images that cannot be decoded are excluded (logged), so the count the query reports is
+    the count that training weighs."""
+    frame = load_nih(node.data_dir)
+    if not (config.image_cache or config.feature_cache):
+        return frame, None
+    cache = build_image_cache(frame, config.image_size, node.cache_dir, progress=False)
+    return cache.usable(frame), cache
+
+
+def load_site(config: Config, node: NodeSettings) -> Site:
+    """The Site of this node, built as FederatedRun builds its clients (same seed, same model)."""
+    key = json.dumps([str(node.data_dir), node.client_id, str(node.cache_dir), config.to_dict()], sort_keys=True)
+    if key in _sites:
+        return _sites[key]
     check_supported(config)
     c = config
     device = c.resolve_device()
     torch.manual_seed(c.seed)   # the same random init as the server's (checked by the trunk digest)
     model = build_model(len(LABELS), c.weights).to(device)
-    client = Client.from_config(client_id, NIHDataset(_frame(data_dir), c.image_size, preload=c.preload),
-                                model, c, device)
-    _cache.clear()
-    _cache[key] = client
-    return client
+    frame, cache = usable_frame(c, node)
+    if cache is None:
+        dataset = NIHDataset(frame, c.image_size, preload=c.preload)
+    elif not c.feature_cache:
+        dataset = cache.dataset(frame)
+    else:   # on disk, so the next message's process reads it instead of running the trunk again
+        features = build_feature_cache(model, cache.dataset(frame), device, placement="disk",
+                                       dtype=getattr(torch, c.feature_dtype), amp_dtype=c.resolve_amp(device),
+                                       batch_size=c.eval_batch_size, progress=False)
+        dataset = features.dataset(frame)
+    site = Site(frame, Client.from_config(node.client_id, dataset, model, c, device), image_list_digest(frame))
+    _sites.clear()
+    _sites[key] = site
+    return site
 
 
 app = ClientApp()
@@ -54,22 +87,29 @@ app = ClientApp()
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Which client this node is, and how many examples it holds (for the server's checks)."""
-    data_dir, client_id = node_settings(context.node_config)
-    metrics = MetricRecord({CLIENT_ID: client_id, NUM_EXAMPLES: len(_frame(data_dir))})
-    return Message(RecordDict({METRICS: metrics}), reply_to=msg)
+    """Which client this node is, how many usable examples it holds, and their image-list digest."""
+    log_to_flower()
+    node = node_settings(context.node_config)
+    frame, _ = usable_frame(config_from_run_config(context.run_config), node)
+    return Message(query_reply(node.client_id, len(frame), image_list_digest(frame)), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round of local training from the global layer4 + fc."""
-    data_dir, client_id = node_settings(context.node_config)
+    """One round of local training from the global layer4 + fc, after checking what the server sent."""
+    log_to_flower()
+    node = node_settings(context.node_config)
     config = config_from_run_config(context.run_config)
-    client = make_client(config, data_dir, client_id)
-    settings = msg.content[CONFIG]
-    if TRUNK_DIGEST in settings:
-        check_trunk(client.model, str(settings[TRUNK_DIGEST]), client_id)
-    update = client.fit(to_state(msg.content[ARRAYS]), round_num=int(settings[SERVER_ROUND]))
-    log.info("client %d, round %s: %d examples, train loss %.4f", client_id, settings[SERVER_ROUND],
-             update.num_examples, update.train_loss)
-    return Message(train_reply(update, client_id), reply_to=msg)
+    start = time.perf_counter()
+    site = load_site(config, node)
+    setup = time.perf_counter() - start
+    client = site.client
+    own = client.model.state_dict()
+    sent = check_train_message(msg.content, {k: own[k] for k in client.keys}, node.client_id)
+    check_trunk(client.model, sent.trunk_digest, node.client_id)
+    start = time.perf_counter()
+    update = client.fit(sent.state, round_num=sent.server_round)
+    log.info("client %d, round %d: %d examples, train loss %.4f; fit %.2f s after %.2f s of setup (model, data%s)",
+             node.client_id, sent.server_round, update.num_examples, update.train_loss,
+             time.perf_counter() - start, setup, ", caches" if config.image_cache or config.feature_cache else "")
+    return Message(train_reply(update, node.client_id), reply_to=msg)

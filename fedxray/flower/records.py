@@ -1,10 +1,20 @@
-"""What crosses the network, as Flower records: the exchanged state (layer4 + fc) as an
-ArrayRecord, a client's reply as a fedxray ClientUpdate, and a digest of the frozen trunk."""
+"""What crosses the network, as Flower records, and the checks on everything read back.
+
+The exchanged state (layer4 + fc) travels as an ArrayRecord, numbers as a MetricRecord, text as
+a ConfigRecord. Nothing a peer sends is trusted: every message is checked against what its
+receiver expects (record and key names, the keys, shapes and dtypes of its own model, finite
+values, plausible sizes, the sender's identity), and a message that fails is refused with a
+MessageError naming the sender and the remedy. The checks are pure functions over records.
+"""
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
 
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor, nn
 
 from ..aggregation import fedavg
@@ -15,7 +25,29 @@ from ..model import trunk_digest
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 NUM_EXAMPLES, TRAIN_LOSS, CLIENT_ID = "num-examples", "train_loss", "client-id"
 SERVER_ROUND, TRUNK_DIGEST = "server-round", "trunk-digest"
+IMAGE_LIST_DIGEST = "image-list-digest"   # fedxray.checkpoint.image_list_digest of a client's data
 
+# The bound that tells a training update from an absurd one. One round may move an exchanged
+# float entry u away from the state g the server sent by at most
+#     max|u - g| <= MAX_UPDATE_FACTOR * (1 + max|g|),
+# i.e. six orders of magnitude of the entry's own scale. Why so loose: layer4's BatchNorm
+# running_var follows the data, not the optimiser; with a random frozen trunk (no ImageNet
+# weights) it jumps from 1 to hundreds in round 1. Measured on the 240-image NIH sample, largest
+# ratio over 1 to 3 rounds: 401 (Adam, lr 1e-3, 224 px), 216 (Adam 1e-3, 64 px), 93 (SGD 1e-2),
+# 8.0e3 (Adam 1e-2, ten times the default lr); weights move by well under 1. Why it still
+# matters: a reply scaled by 1e30 (or 1e10) trips it by many orders, instead of poisoning the
+# average and crashing later in the metrics. It is a sanity bound, not a defence against a client
+# that poisons within it (that takes a robust aggregator).
+MAX_UPDATE_FACTOR = 1e6
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+_SAME_VERSION = "run the same fedxray version (and bn-policy) on the server and every site"
+
+
+class MessageError(ValueError):
+    """A message that fails its receiver's checks; the text names the sender and the remedy."""
+
+
+# --------------------------------------------------------------------------- conversions
 
 def to_record(state: Mapping[str, Tensor]) -> ArrayRecord:
     """A state (name -> tensor) as an ArrayRecord, keys and dtypes kept."""
@@ -35,30 +67,196 @@ def train_reply(update: ClientUpdate, client_id: int) -> RecordDict:
     })
 
 
-def client_update(content: RecordDict) -> tuple[int, ClientUpdate]:
-    """(client id, ClientUpdate) of a train reply."""
+def query_reply(client_id: int, num_examples: int, image_digest: str) -> RecordDict:
+    """A client's answer to the server's query: who it is, how many usable examples it holds and
+    the digest of its image list (names and labels; never the list itself)."""
+    return RecordDict({METRICS: MetricRecord({CLIENT_ID: int(client_id), NUM_EXAMPLES: int(num_examples)}),
+                       CONFIG: ConfigRecord({IMAGE_LIST_DIGEST: str(image_digest)})})
+
+
+# --------------------------------------------------------------------------- checks
+
+def state_problems(state: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> list[str]:
+    """What makes state unfit to load where reference lives: missing or unexpected keys, another
+    shape or dtype, non-finite values. Empty when it fits."""
+    missing = [k for k in reference if k not in state]
+    extra = [k for k in state if k not in reference]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} key(s) missing (first {missing[0]!r})")
+    if extra:
+        problems.append(f"{len(extra)} unexpected key(s) (first {extra[0]!r})")
+    for k, ref in reference.items():
+        t = state.get(k)
+        if t is None:
+            continue
+        if t.dtype != ref.dtype:
+            problems.append(f"{k!r} has dtype {t.dtype}, expected {ref.dtype}")
+        elif tuple(t.shape) != tuple(ref.shape):
+            problems.append(f"{k!r} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+        elif t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            problems.append(f"{k!r} holds {int((~torch.isfinite(t)).sum())} NaN or infinite value(s)")
+    return problems
+
+
+def update_problems(state: Mapping[str, Tensor], sent: Mapping[str, Tensor], max_steps: int) -> list[str]:
+    """What no round of training produces, for a state that already fits `sent`: a float entry
+    moved beyond MAX_UPDATE_FACTOR of its scale, an integer buffer (num_batches_tracked) that went
+    down or up by more than the max_steps batches the client can have trained."""
+    problems = []
+    for k, g in sent.items():
+        u = state[k]
+        if g.is_floating_point():
+            moved = float((u.double() - g.double()).abs().max()) if g.numel() else 0.0
+            bound = MAX_UPDATE_FACTOR * (1.0 + (float(g.double().abs().max()) if g.numel() else 0.0))
+            if not moved <= bound:
+                problems.append(f"{k!r} moved by {moved:.3g} from the state sent, beyond the bound "
+                                f"{bound:.3g} (MAX_UPDATE_FACTOR={MAX_UPDATE_FACTOR:g} times its scale)")
+        else:
+            steps = (u.long() - g.long())
+            if g.numel() and (int(steps.min()) < 0 or int(steps.max()) > max_steps):
+                problems.append(f"{k!r} moved by {int(steps.min())}..{int(steps.max())} batches; one round "
+                                f"trains 0..{max_steps} (local_epochs x ceil(num-examples / batch_size))")
+    return problems
+
+
+def _records(content: RecordDict, expected: Mapping[str, type], who: str, remedy: str) -> None:
+    keys = set(content.keys())
+    if keys != set(expected):
+        raise MessageError(f"{who}: the message holds records {sorted(keys)}, expected {sorted(expected)}; "
+                           f"{remedy}")
+    for name, kind in expected.items():
+        if not isinstance(content[name], kind):
+            raise MessageError(f"{who}: record {name!r} is a {type(content[name]).__name__}, expected a "
+                               f"{kind.__name__}; {remedy}")
+
+
+def _keys(record: Mapping[str, Any], name: str, expected: set[str], who: str, remedy: str) -> None:
+    if set(record.keys()) != expected:
+        raise MessageError(f"{who}: record {name!r} holds {sorted(record.keys())}, expected {sorted(expected)}; "
+                           f"{remedy}")
+
+
+def _int(value: Any, key: str, who: str, remedy: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise MessageError(f"{who}: {key!r} is {value!r}, expected an integer >= {minimum}; {remedy}")
+    return value
+
+
+def _digest(value: Any, key: str, who: str, remedy: str) -> str:
+    if not isinstance(value, str) or not _DIGEST.fullmatch(value):
+        raise MessageError(f"{who}: {key!r} is {str(value)[:80]!r}, expected 64 hex digits (SHA-256); {remedy}")
+    return value
+
+
+def _state(record: ArrayRecord, who: str, remedy: str) -> dict[str, Tensor]:
+    try:
+        return to_state(record)
+    except Exception as e:   # a foreign dtype or serialization: numpy/torch say why
+        raise MessageError(f"{who}: its arrays cannot be read as tensors ({type(e).__name__}: {e}); "
+                           f"{remedy}") from None
+
+
+@dataclass(frozen=True)
+class QueryAnswer:
+    client_id: int
+    num_examples: int        # usable examples (the image cache leaves undecodable images out)
+    image_list_digest: str   # fedxray.checkpoint.image_list_digest of those examples
+
+
+def check_query_reply(content: RecordDict, node_id: int, num_clients: int) -> QueryAnswer:
+    """A SuperNode's answer to the query: one client id in 0..num_clients-1, a count >= 1, a digest."""
+    who = f"SuperNode {node_id}"
+    remedy = _SAME_VERSION
+    _records(content, {METRICS: MetricRecord, CONFIG: ConfigRecord}, who, remedy)
+    _keys(content[METRICS], METRICS, {CLIENT_ID, NUM_EXAMPLES}, who, remedy)
+    _keys(content[CONFIG], CONFIG, {IMAGE_LIST_DIGEST}, who, remedy)
+    cid = _int(content[METRICS][CLIENT_ID], CLIENT_ID, who, "fix its --node-config client-id", 0)
+    if cid >= num_clients:
+        raise MessageError(f"{who} says it is client {cid}, but num_clients={num_clients} (ids 0..{num_clients - 1}): "
+                           f"fix its --node-config client-id, or the run's num-clients")
+    who = f"client {cid} (node {node_id})"
+    n = _int(content[METRICS][NUM_EXAMPLES], NUM_EXAMPLES, who, "its data folder holds no usable image", 1)
+    digest = _digest(content[CONFIG][IMAGE_LIST_DIGEST], IMAGE_LIST_DIGEST, who, remedy)
+    return QueryAnswer(cid, n, digest)
+
+
+def check_train_reply(content: RecordDict, *, client_id: int, node_id: int, num_examples: int,
+                      sent: Mapping[str, Tensor], max_steps: int) -> ClientUpdate:
+    """The ClientUpdate of a train reply from the node that holds client_id, after checking it:
+    exactly the records and metrics of train_reply; the client id the node answered at the query;
+    the example count it reported then; a finite, non-negative loss; the keys, shapes and dtypes
+    of the state sent, finite values, and an update within the bounds of update_problems."""
+    who = f"client {client_id} (node {node_id})"
+    remedy = _SAME_VERSION
+    _records(content, {ARRAYS: ArrayRecord, METRICS: MetricRecord}, who, remedy)
     metrics = content[METRICS]
-    update = ClientUpdate(state=to_state(content[ARRAYS]), num_examples=int(metrics[NUM_EXAMPLES]),
-                          train_loss=float(metrics[TRAIN_LOSS]))
-    return int(metrics[CLIENT_ID]), update
+    _keys(metrics, METRICS, {NUM_EXAMPLES, TRAIN_LOSS, CLIENT_ID}, who, remedy)
+    claimed = metrics[CLIENT_ID]
+    if not isinstance(claimed, int) or claimed != client_id:
+        raise MessageError(f"{who}: its reply claims to be client {claimed!r}, but node {node_id} answered the "
+                           f"query as client {client_id}: a SuperNode may speak only for itself; check that "
+                           f"site's fedxray and --node-config client-id")
+    n = metrics[NUM_EXAMPLES]
+    if not isinstance(n, int) or n != num_examples:
+        raise MessageError(f"{who}: its reply weighs {n!r} examples, but it reported {num_examples} usable "
+                           f"examples at the start of the run; FedAvg weighs a client by what it holds. If the "
+                           f"site's data folder changed, restart the run (a resume checks every image list)")
+    loss = metrics[TRAIN_LOSS]
+    if not isinstance(loss, (int, float)) or not math.isfinite(loss) or loss < 0:
+        raise MessageError(f"{who}: its {TRAIN_LOSS} is {loss!r}, expected a finite number >= 0 (a mean "
+                           f"binary cross-entropy); its training diverged or its reply is corrupt")
+    state = _state(content[ARRAYS], who, remedy)
+    problems = state_problems(state, sent)
+    if problems:
+        raise MessageError(f"{who}: its state does not fit the global model: {'; '.join(problems[:3])}. "
+                           f"A NaN or infinity means its training diverged (see its log); wrong keys, shapes "
+                           f"or dtypes mean another model: {remedy}")
+    problems = update_problems(state, sent, max_steps)
+    if problems:
+        raise MessageError(f"{who}: its update is far beyond what one round of training produces: "
+                           f"{'; '.join(problems[:3])}. Its reply is corrupt or forged: check that site's "
+                           f"fedxray version and log before it takes part again")
+    return ClientUpdate(state=state, num_examples=n, train_loss=loss)
 
 
-def aggregate(contents: Sequence[RecordDict], keys: Sequence[str]
-              ) -> tuple[dict[str, Tensor], list[tuple[int, ClientUpdate]]]:
-    """fedxray.fedavg over train replies, in client-id order (as the in-process run sums them).
+@dataclass(frozen=True)
+class TrainInstruction:
+    state: dict[str, Tensor]
+    server_round: int
+    trunk_digest: str
 
-    Every reply must carry exactly `keys`: a client that sends anything else is refused, naming it.
-    Returns the new global state and the (client id, update) pairs in that order.
-    """
-    pairs = sorted((client_update(c) for c in contents), key=lambda p: p[0])
-    ids = [k for k, _ in pairs]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"two replies claim the same client id: {ids}")
-    expected = set(keys)
-    for k, u in pairs:
-        if set(u.state) != expected:
-            raise ValueError(f"client {k} sent keys that differ from the exchanged set: unexpected "
-                             f"{sorted(set(u.state) - expected)[:3]}, missing {sorted(expected - set(u.state))[:3]}")
+
+def check_train_message(content: RecordDict, reference: Mapping[str, Tensor], client_id: int) -> TrainInstruction:
+    """What a client accepts from the server: the global state with the keys, shapes and dtypes of
+    its own model's exchanged state (reference) and finite values, a server round >= 1 and the
+    server's trunk digest (required: without it the trunk check would be skipped)."""
+    who = f"client {client_id}: the server's train message"
+    remedy = _SAME_VERSION
+    _records(content, {ARRAYS: ArrayRecord, CONFIG: ConfigRecord}, who, remedy)
+    config = content[CONFIG]
+    missing = [k for k in (SERVER_ROUND, TRUNK_DIGEST) if k not in config]
+    if missing:
+        raise MessageError(f"{who} lacks {missing} (has {sorted(config.keys())}): the server runs another "
+                           f"fedxray version or is not fedxray's ServerApp; nothing was trained")
+    r = _int(config[SERVER_ROUND], SERVER_ROUND, who, remedy, 1)
+    digest = _digest(config[TRUNK_DIGEST], TRUNK_DIGEST, who, remedy)
+    state = _state(content[ARRAYS], who, remedy)
+    problems = state_problems(state, reference)
+    if problems:
+        raise MessageError(f"{who} (round {r}) holds a global state this client cannot train: "
+                           f"{'; '.join(problems[:3])}. The server is the source, not this site's data or "
+                           f"training: a NaN or infinity means the server's model is corrupt (restart it from "
+                           f"its last good checkpoint); wrong keys, shapes or dtypes mean another model: {remedy}")
+    return TrainInstruction(state, r, digest)
+
+
+# --------------------------------------------------------------------------- aggregation
+
+def aggregate(updates: Mapping[int, ClientUpdate]) -> tuple[dict[str, Tensor], list[tuple[int, ClientUpdate]]]:
+    """fedxray.fedavg over checked updates {client id: update}, in client-id order (as the
+    in-process run sums them). Returns the new global state and the (client id, update) pairs."""
+    pairs = sorted(updates.items())
     state = fedavg([u.state for _, u in pairs], [u.num_examples for _, u in pairs])
     return state, pairs
 
@@ -70,4 +268,3 @@ def check_trunk(model: nn.Module, expected: str, client_id: int) -> None:
             f"client {client_id}: its frozen trunk differs from the server's (digest {got[:12]} vs "
             f"{expected[:12]}): the hospital built its model from other weights (model.weights_source="
             f"{getattr(model, 'weights_source', '?')!r}). Give every site the same `weights` file.")
-

@@ -1,24 +1,56 @@
 """Flower's run config and node config as fedxray settings: one run-config key per Config field
-(kebab-case), plus the server's folders; each SuperNode names its own data folder and client id."""
+(kebab-case), plus the server's folders and its fault tolerance; each SuperNode names its own data
+folder, client id and (optionally) cache folder."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from ..config import Config
 
 # The Flower App (its pyproject.toml) that `flwr run` submits; its [tool.flwr.app.config] lists
 # every key below with its default.
 APP_DIR = Path(__file__).resolve().parent / "app"
-# Run-config keys that are not Config fields: where the server reads and writes (absolute paths).
+# Run-config keys that are not Config fields: where the server reads and writes (absolute paths),
 SERVER_KEYS = ("output-dir", "val-dir", "test-dir")
-# Node-config keys of each SuperNode (`--node-config 'data-dir="/data/hospital_0" client-id=0'`).
-DATA_DIR, CLIENT_ID = "data-dir", "client-id"
+# and what the server does when hospitals fail (see FaultPolicy),
+FAULT_KEYS = ("min-replies", "round-timeout")
+FLOWER_KEYS = SERVER_KEYS + FAULT_KEYS
+DEFAULT_ROUND_TIMEOUT_S = 3600.0
+# Node-config keys of each SuperNode (`--node-config 'data-dir="/data/hospital_0" client-id=0'`);
+# cache-dir is optional (default: <data-dir>/.fedxray_cache, see node_settings).
+DATA_DIR, CLIENT_ID, CACHE_DIR = "data-dir", "client-id", "cache-dir"
+NODE_CACHE = ".fedxray_cache"
+
+
+@dataclass(frozen=True)
+class FaultPolicy:
+    """What a round does when hospitals fail, do not answer in time, or send a refused reply.
+
+    min_replies: a round is aggregated over the clients that replied validly when at least this
+    many did (the others are dropped and recorded); else the run stops, keeping the checkpoint of
+    the last complete round. None (run config "") is the strict default: every sampled client.
+    round_timeout: seconds the server waits for a round's replies (and for the query's answers).
+    """
+    min_replies: Optional[int] = None
+    round_timeout: float = DEFAULT_ROUND_TIMEOUT_S
+
+    def required(self, sampled: int) -> int:
+        """Valid replies a round of `sampled` clients needs."""
+        return sampled if self.min_replies is None else min(self.min_replies, sampled)
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    data_dir: Path    # the hospital's NIH-layout folder: its training data
+    client_id: int
+    cache_dir: Path   # its own image and feature caches (never shared with another site)
 
 
 @dataclass(frozen=True)
@@ -41,12 +73,12 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> Config:
     fields = {_key(f.name): f for f in dataclasses.fields(Config)}
     kwargs = {}
     for key, value in run_config.items():
-        if key in SERVER_KEYS:
+        if key in FLOWER_KEYS:
             continue
         field = fields.get(key)
         if field is None:
             raise ValueError(f"run config key {key!r} is neither a fedxray Config field (as kebab-case, "
-                             f"e.g. 'batch-size') nor one of {SERVER_KEYS}")
+                             f"e.g. 'batch-size') nor one of {FLOWER_KEYS}")
         kwargs[field.name] = None if value == "" and _optional(field) else value
     return Config(**kwargs)
 
@@ -60,9 +92,6 @@ def check_supported(config: Config) -> None:
     if config.max_images is not None:
         problems.append(f"max_images={config.max_images}: the folders define the data; cap the splits "
                         f"(fedxray.federated.cap_splits) before writing them and leave max-images \"\"")
-    for name in ("image_cache", "feature_cache"):
-        if getattr(config, name, False):
-            problems.append(f"{name}=True: the Flower app does not use fedxray's caches yet; set it false")
     if problems:
         raise ValueError("the Flower app does not support " + "; ".join(problems))
 
@@ -70,6 +99,26 @@ def check_supported(config: Config) -> None:
 def run_config_from_config(config: Config) -> dict[str, Any]:
     """Config -> run-config values (kebab-case keys, None as "")."""
     return {_key(k): "" if v is None else v for k, v in config.to_dict().items()}
+
+
+def fault_policy(run_config: Mapping[str, Any], config: Config) -> FaultPolicy:
+    """The run's FaultPolicy from min-replies ("" or absent: every sampled client) and
+    round-timeout (seconds, absent: DEFAULT_ROUND_TIMEOUT_S), checked against the config."""
+    from ..federated import sample_clients
+    sampled = len(sample_clients(config.num_clients, config.fraction_fit, config.seed, 1))
+    raw = run_config.get("min-replies", "")
+    if raw == "":
+        min_replies = None
+    elif isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= sampled:
+        raise ValueError(f"run config 'min-replies' must be \"\" (every sampled client) or an integer from 1 to "
+                         f"the {sampled} client(s) sampled per round (num-clients={config.num_clients}, "
+                         f"fraction-fit={config.fraction_fit}), got {raw!r}")
+    else:
+        min_replies = raw
+    timeout = run_config.get("round-timeout", DEFAULT_ROUND_TIMEOUT_S)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise ValueError(f"run config 'round-timeout' must be a number of seconds > 0, got {timeout!r}")
+    return FaultPolicy(min_replies, float(timeout))
 
 
 def server_paths(run_config: Mapping[str, Any]) -> ServerPaths:
@@ -85,8 +134,11 @@ def server_paths(run_config: Mapping[str, Any]) -> ServerPaths:
     return ServerPaths(**paths)
 
 
-def node_settings(node_config: Mapping[str, Any]) -> tuple[Path, int]:
-    """(data folder, client id) of a SuperNode, from its --node-config."""
+def node_settings(node_config: Mapping[str, Any]) -> NodeSettings:
+    """Data folder, client id and cache folder of a SuperNode, from its --node-config. The cache
+    folder is the node's cache-dir, else <data-dir>/.fedxray_cache (a dot folder, which the image
+    index never reads): per site, so two hospitals on one machine never share or lock each other's
+    caches. The run config's cache-dir is the server's."""
     missing = [k for k in (DATA_DIR, CLIENT_ID) if k not in node_config]
     if missing:
         raise ValueError(f"SuperNode node config lacks {missing} (has {sorted(node_config)}): start it with "
@@ -94,7 +146,9 @@ def node_settings(node_config: Mapping[str, Any]) -> tuple[Path, int]:
     client_id = node_config[CLIENT_ID]
     if isinstance(client_id, bool) or not isinstance(client_id, int) or client_id < 0:
         raise ValueError(f"node config {CLIENT_ID} must be an integer >= 0, got {client_id!r}")
-    return Path(str(node_config[DATA_DIR])), client_id
+    data_dir = Path(str(node_config[DATA_DIR]))
+    cache = str(node_config.get(CACHE_DIR, ""))
+    return NodeSettings(data_dir, client_id, Path(cache) if cache else data_dir / NODE_CACHE)
 
 
 def _toml_value(value: Any) -> str:
@@ -112,12 +166,25 @@ def _toml_value(value: Any) -> str:
 
 
 def write_run_config(path: str | os.PathLike, config: Config, output_dir: str | os.PathLike,
-                     val_dir: str | os.PathLike, test_dir: str | os.PathLike) -> Path:
+                     val_dir: str | os.PathLike, test_dir: str | os.PathLike,
+                     faults: FaultPolicy = FaultPolicy()) -> Path:
     """A TOML file of run-config overrides for `flwr run <app> <superlink> --run-config FILE`:
-    every Config field, and the server's folders (made absolute)."""
+    every Config field, the server's folders (made absolute) and its fault policy."""
     values = run_config_from_config(config)
     values.update({"output-dir": Path(output_dir).resolve(), "val-dir": Path(val_dir).resolve(),
-                   "test-dir": Path(test_dir).resolve()})
+                   "test-dir": Path(test_dir).resolve(),
+                   "min-replies": "" if faults.min_replies is None else faults.min_replies,
+                   "round-timeout": float(faults.round_timeout)})
     path = Path(path)
     path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items()), encoding="utf-8")
     return path
+
+
+def log_to_flower() -> None:
+    """Send fedxray's INFO records where Flower's go: the SuperLink's log (`flwr log`) for the
+    ServerApp, the SuperNode's output for a ClientApp."""
+    ours, flowers = logging.getLogger("fedxray"), logging.getLogger("flwr")
+    for handler in flowers.handlers:
+        if handler not in ours.handlers:
+            ours.addHandler(handler)
+    ours.setLevel(logging.INFO)

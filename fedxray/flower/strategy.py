@@ -1,110 +1,259 @@
-"""Flower's FedAvg with fedxray's client sampling and aggregation, so a Flower run computes what
-the in-process FederatedRun computes."""
+"""Flower's FedAvg with fedxray's client sampling, aggregation and checks, so a Flower run
+computes what the in-process FederatedRun computes, and a round survives the hospitals that fail
+as far as the run's FaultPolicy allows."""
 from __future__ import annotations
 
 import logging
+import math
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from ..client import ClientUpdate
 from ..config import Config
 from ..federated import sample_clients
-from .records import CLIENT_ID, METRICS, NUM_EXAMPLES, SERVER_ROUND, TRAIN_LOSS, aggregate, to_record
+from .records import (NUM_EXAMPLES, SERVER_ROUND, TRAIN_LOSS, MessageError, QueryAnswer, aggregate,
+                      check_query_reply, check_train_reply, to_record, to_state)
+from .runconfig import FaultPolicy
 
 log = logging.getLogger(__name__)
 
-# Called after each round's aggregation with (round, client ids, their updates).
-OnTrain = Callable[[int, list[int], list[ClientUpdate]], None]
+# Why a sampled client is left out of a round; the history records it as metric "dropped_<why>".
+DROP_REASONS = {
+    "offline": "its SuperNode was not connected when the round started (nothing was sent); restart it: "
+               "it rejoins at the next round",
+    "lost": "its SuperNode stopped sending heartbeats during the round; restart it: it rejoins at the next round",
+    "no_reply": "the hospital is down or too slow: check its SuperNode, or raise round-timeout",
+    "failed": "its ClientApp raised an error; see that site's SuperNode log",
+    "refused": "its reply failed the server's checks",
+}
+POLL_S = 0.5   # how often the server asks the SuperLink for replies (Flower's send_and_receive: 3 s)
+
+
+class RoundFailed(RuntimeError):
+    """Fewer valid replies than the run's min-replies: the round is not aggregated and the
+    checkpoint of the last complete round stays."""
+
+
+@dataclass(frozen=True)
+class Dropped:
+    client_id: int
+    node_id: int
+    why: str      # a key of DROP_REASONS
+    reason: str   # the details and the remedy, for the log and errors
+
+    def __str__(self) -> str:
+        return f"client {self.client_id} (node {self.node_id}) {self.why}: {self.reason}"
+
+
+# Called after each round's aggregation with (round, client ids, their updates, dropped clients).
+OnTrain = Callable[[int, list[int], list[ClientUpdate], list[Dropped]], None]
 
 
 class FedXrayAvg(FedAvg):
     """FedAvg whose aggregation is fedxray.fedavg and whose sampling is fedxray's.
 
+    - Identity: nodes report their client id, usable example count and image-list digest once
+      (a query); a node that connects later (a restarted SuperNode) is queried and takes over its
+      client when its count and digest are the ones reported before.
     - Sampling: each round trains the clients fedxray.federated.sample_clients picks for
-      (num_clients, fraction_fit, seed, round), by fedxray client id. Nodes report their client
-      id once (a query message; again if the set of connected nodes changes).
-    - Aggregation: fedxray.fedavg over the replies in client-id order: float64 sums, example
+      (num_clients, fraction_fit, seed, round), by fedxray client id.
+    - Checks: every reply must come from the node asked, claim that node's client id and the
+      example count reported at the query, and carry the keys, shapes and dtypes of the global
+      state with finite values and a plausible update (fedxray.flower.records.check_train_reply).
+    - Faults: a client that is offline, does not answer within round-timeout, fails, or sends a
+      refused reply is dropped from the round and recorded; the round is aggregated over the rest
+      when at least min-replies remain (default: every sampled client), else RoundFailed.
+    - Aggregation: fedxray.fedavg over the valid replies in client-id order: float64 sums, example
       weights, integer buffers rounded (Flower's own FedAvg sums in float32 in arrival order and
-      turns num_batches_tracked into a float64 array).
-    - A failed client fails the round (no silent aggregation of the others), and there is no
-      federated evaluation: the server evaluates the global model centrally.
+      turns num_batches_tracked into a float64 array). No federated evaluation: the server
+      evaluates the global model centrally.
     """
 
-    def __init__(self, config: Config, keys: Sequence[str], on_train: Optional[OnTrain] = None,
-                 timeout: float = 3600.0):
+    def __init__(self, config: Config, keys: Sequence[str], faults: FaultPolicy = FaultPolicy(),
+                 on_train: Optional[OnTrain] = None):
         super().__init__(fraction_train=config.fraction_fit, fraction_evaluate=0.0, min_train_nodes=1,
                          min_available_nodes=config.num_clients, weighted_by_key=NUM_EXAMPLES)
         self.config = config
         self.keys = list(keys)
+        self.faults = faults
         self.on_train = on_train
-        self.timeout = timeout
         self.node_of: dict[int, int] = {}           # client id -> node id
-        self.client_examples: dict[int, int] = {}   # client id -> examples it holds
-        self.chosen: list[int] = []
+        self.client_examples: dict[int, int] = {}   # client id -> usable examples it holds
+        self.client_digests: dict[int, str] = {}    # client id -> digest of its image list
+        self.ignored_nodes: set[int] = set()        # nodes whose answers were refused
+        self.chosen: list[int] = []                 # the round's sampled clients
+        self.sent: dict = {}                        # the global state sent this round
+        self.asked: dict[str, int] = {}             # message id -> client id, this round
+        self.offline: list[Dropped] = []            # sampled clients not sent anything
 
+    # ------------------------------------------------------------------ who is who
     def connect(self, grid: Grid) -> dict[int, int]:
-        """Wait for num_clients nodes, ask each its client id, and check ids are 0..num_clients-1."""
+        """Wait for num_clients nodes, ask each its client id, count and digest, and check the ids
+        are 0..num_clients-1 once each. Strict: a node that fails or is refused stops the run."""
         k = self.config.num_clients
         nodes = sorted(grid.get_node_ids())
+        waited = time.monotonic()
         while len(nodes) < k:
-            log.info("waiting for hospitals: %d of %d SuperNodes connected", len(nodes), k)
+            if time.monotonic() - waited > 10:
+                log.info("waiting for hospitals: %d of %d SuperNodes connected", len(nodes), k)
+                waited = time.monotonic()
             time.sleep(1.0)
             nodes = sorted(grid.get_node_ids())
-        if set(nodes) == set(self.node_of.values()):
-            return self.node_of
-        queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+        answers = self._query(grid, nodes)
+        bad = {n: a for n, a in answers.items() if isinstance(a, str)}
+        if bad:
+            raise ValueError("the run cannot start: " + "; ".join(bad.values()))
         ids: dict[int, list[int]] = {}
-        examples: dict[int, int] = {}
-        for reply in grid.send_and_receive(queries, timeout=self.timeout):
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                raise RuntimeError(f"SuperNode {node} could not say which client it is: {reply.error.reason}")
-            metrics = reply.content[METRICS]
-            cid = int(metrics[CLIENT_ID])
-            ids.setdefault(cid, []).append(node)
-            examples[cid] = int(metrics[NUM_EXAMPLES])
+        for node, a in answers.items():
+            ids.setdefault(a.client_id, []).append(node)
         twice = {c: n for c, n in ids.items() if len(n) > 1}
         missing = sorted(set(range(k)) - set(ids))
-        unknown = sorted(set(ids) - set(range(k)))
-        if twice or missing or unknown or len(ids) != len(nodes):
+        if twice or missing or len(answers) != len(nodes):
             raise ValueError(f"the connected SuperNodes do not hold clients 0..{k - 1} once each "
                              f"(num_clients={k}): client ids used twice {twice}, missing {missing}, "
-                             f"unexpected {unknown}, {len(nodes) - sum(map(len, ids.values()))} "
-                             f"node(s) did not answer. Fix each SuperNode's --node-config client-id.")
+                             f"{len(nodes) - len(answers)} node(s) did not answer within round-timeout="
+                             f"{self.faults.round_timeout:g} s. Fix each SuperNode's --node-config client-id.")
         self.node_of = {c: n[0] for c, n in sorted(ids.items())}
-        self.client_examples = dict(sorted(examples.items()))
-        log.info("clients on nodes: %s; examples: %s", self.node_of, self.client_examples)
+        self.client_examples = {c: answers[n].num_examples for c, n in self.node_of.items()}
+        self.client_digests = {c: answers[n].image_list_digest for c, n in self.node_of.items()}
+        log.info("clients on nodes: %s; usable examples: %s", self.node_of, self.client_examples)
         return self.node_of
 
+    def refresh(self, grid: Grid) -> set[int]:
+        """The connected nodes; a new node (a restarted SuperNode) is queried and takes over its
+        client if that client's node is gone and it holds the same data as reported before."""
+        online = set(grid.get_node_ids())
+        new = sorted(online - set(self.node_of.values()) - self.ignored_nodes)
+        answers = self._query(grid, new) if new else {}
+        for node in set(new) - set(answers):
+            answers[node] = (f"SuperNode {node} did not answer the query within round-timeout="
+                             f"{self.faults.round_timeout:g} s (restart it to try again)")
+        for node, a in sorted(answers.items()):
+            if isinstance(a, str):
+                problem = a
+            elif self.node_of.get(a.client_id) in online:
+                problem = (f"SuperNode {node} says it is client {a.client_id}, which node "
+                           f"{self.node_of[a.client_id]} still is: two SuperNodes have client-id={a.client_id}")
+            elif (a.num_examples, a.image_list_digest) != (self.client_examples[a.client_id],
+                                                           self.client_digests[a.client_id]):
+                problem = (f"SuperNode {node} says it is client {a.client_id} but holds other images or labels "
+                           f"({a.num_examples} usable examples; {self.client_examples[a.client_id]} before): "
+                           f"a client's data may not change during a run; restart the run in a new output-dir")
+            else:
+                log.info("client %d is back, now on node %d (was %d)", a.client_id, node, self.node_of[a.client_id])
+                self.node_of[a.client_id] = node
+                continue
+            log.error("%s; the node is ignored", problem)
+            self.ignored_nodes.add(node)
+        return online
+
+    def _query(self, grid: Grid, nodes: Sequence[int]) -> dict[int, QueryAnswer | str]:
+        """node -> its checked answer, or the text of what went wrong (nodes that never answer are
+        left out)."""
+        queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+        out: dict[int, QueryAnswer | str] = {}
+        for reply in self.exchange(grid, queries, self.faults.round_timeout):
+            node = reply.metadata.src_node_id
+            if node not in nodes:
+                continue
+            if reply.has_error():
+                out[node] = f"SuperNode {node} could not say which client it is: {reply.error.reason}"
+                continue
+            try:
+                out[node] = check_query_reply(reply.content, node, self.config.num_clients)
+            except MessageError as e:
+                out[node] = str(e)
+        return out
+
+    def exchange(self, grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
+        """Push messages, then pull their replies until all are in or timeout seconds pass (what
+        Grid.send_and_receive does, polling every POLL_S and remembering which message went where)."""
+        messages = list(messages)
+        if not messages:
+            return []
+        ids = list(grid.push_messages(messages))
+        by_node = {n: c for c, n in self.node_of.items()}
+        self.asked = {mid: by_node.get(m.metadata.dst_node_id, -1) for mid, m in zip(ids, messages) if mid}
+        pending = set(self.asked)
+        replies: list[Message] = []
+        end = time.monotonic() + timeout
+        while pending:
+            got = list(grid.pull_messages(list(pending)))
+            replies += got
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if not pending or time.monotonic() >= end:
+                break
+            time.sleep(POLL_S)
+        return replies
+
+    # ------------------------------------------------------------------ one round
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         c = self.config
-        node_of = self.connect(grid)
+        online = self.refresh(grid)
         self.chosen = sample_clients(c.num_clients, c.fraction_fit, c.seed, server_round)
-        log.info("round %d: training clients %s", server_round, self.chosen)
+        self.sent = to_state(arrays)
+        self.offline = [Dropped(k, self.node_of[k], "offline", DROP_REASONS["offline"])
+                        for k in self.chosen if self.node_of[k] not in online]
+        targets = [k for k in self.chosen if self.node_of[k] in online]
+        log.info("round %d: training clients %s", server_round, targets)
         config[SERVER_ROUND] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self._construct_messages(record, [node_of[k] for k in self.chosen], MessageType.TRAIN)
+        return self._construct_messages(record, [self.node_of[k] for k in targets], MessageType.TRAIN)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
-        valid, errors = self._check_and_log_replies(list(replies), is_train=True)
-        if errors:
-            reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in errors)
-            raise RuntimeError(f"round {server_round}: {len(errors)} client(s) failed, the round is not "
-                               f"aggregated (the last checkpoint is round {server_round - 1}): {reasons}")
-        got = sorted(int(m.content[METRICS][CLIENT_ID]) for m in valid)
-        if got != self.chosen:
-            raise RuntimeError(f"round {server_round}: replies from clients {got}, but clients {self.chosen} "
-                               f"were asked to train (no reply within the timeout?)")
-        state, pairs = aggregate([m.content for m in valid], self.keys)
+        """fedxray.fedavg over the round's valid replies; the other sampled clients are dropped
+        (logged and passed to on_train), or RoundFailed when fewer than min-replies remain."""
+        c = self.config
+        by_node = {n: k for k, n in self.node_of.items()}
+        accepted: dict[int, ClientUpdate] = {}
+        dropped: dict[int, Dropped] = {d.client_id: d for d in self.offline}
+        for m in replies:
+            k = self.asked.get(m.metadata.reply_to_message_id, by_node.get(m.metadata.src_node_id, -1))
+            node = self.node_of.get(k)
+            if k not in self.chosen or k in accepted or k in dropped:
+                log.warning("round %d: ignored a reply from node %d that answers no pending message of this "
+                            "round", server_round, m.metadata.src_node_id)
+            elif m.has_error():
+                why = "lost" if m.error.code == ErrorCode.NODE_UNAVAILABLE else "failed"
+                dropped[k] = Dropped(k, node, why, f"{DROP_REASONS[why]}: {m.error.reason}")
+            elif m.metadata.src_node_id != node:
+                dropped[k] = Dropped(k, node, "refused", f"the reply to client {k}'s message came from node "
+                                     f"{m.metadata.src_node_id}, not from its node {node}")
+            else:
+                try:
+                    accepted[k] = check_train_reply(
+                        m.content, client_id=k, node_id=m.metadata.src_node_id,
+                        num_examples=self.client_examples[k], sent=self.sent,
+                        max_steps=c.local_epochs * math.ceil(self.client_examples[k] / c.batch_size))
+                except MessageError as e:
+                    dropped[k] = Dropped(k, node, "refused", str(e))
+        for k in self.chosen:
+            if k not in accepted and k not in dropped:
+                dropped[k] = Dropped(k, self.node_of[k], "no_reply", f"no reply within round-timeout="
+                                     f"{self.faults.round_timeout:g} s; {DROP_REASONS['no_reply']}")
+        gone = [dropped[k] for k in sorted(dropped)]
+        for d in gone:
+            log.warning("round %d: %s", server_round, d)
+        need = self.faults.required(len(self.chosen))
+        if len(accepted) < need:
+            raise RoundFailed(
+                f"round {server_round}: {len(accepted)} valid replies from the {len(self.chosen)} sampled clients "
+                f"{self.chosen}, min-replies requires {need}; the round is not aggregated and the checkpoint "
+                f"of round {server_round - 1} is kept. Dropped: " + "; ".join(map(str, gone)) +
+                ". Bring those hospitals back (or lower min-replies) and run `flwr run` again with the same "
+                "output-dir: it resumes from that checkpoint.")
+        state, pairs = aggregate(accepted)
         ids, updates = [k for k, _ in pairs], [u for _, u in pairs]
         if self.on_train is not None:
-            self.on_train(server_round, ids, updates)
+            self.on_train(server_round, ids, updates, gone)
         n = sum(u.num_examples for u in updates)
         loss = sum(u.train_loss * u.num_examples for u in updates) / n
         return to_record(state), MetricRecord({TRAIN_LOSS: loss})

@@ -1,0 +1,598 @@
+"""Trust nothing read back, survive what fails: the checks on every Flower message (oracle tests
+with crafted replies), rounds that drop failed hospitals, a server that resumes, and the site
+caches, first in process (ClientApps called by a fake Grid), then with real processes (a SuperNode
+killed mid-run; the ServerApp killed and restarted)."""
+import math
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+flwr = pytest.importorskip("flwr", reason="flwr not installed: pip install -e '.[flower]'")
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict  # noqa: E402
+
+import fedxray  # noqa: E402
+from fedxray import Config, run_federated  # noqa: E402
+from fedxray.checkpoint import CheckpointError, image_list_digest, load_checkpoint  # noqa: E402
+from fedxray.client import Client, ClientUpdate  # noqa: E402
+from fedxray.flower import client_app, write_client_folders, write_nih_folder, write_run_config  # noqa: E402
+from fedxray.flower.records import (MAX_UPDATE_FACTOR, MessageError, check_query_reply,  # noqa: E402
+                                    check_train_message, check_train_reply, query_reply, to_record,
+                                    to_state, train_reply, update_problems)
+from fedxray.flower.runconfig import FaultPolicy, run_config_from_config  # noqa: E402
+from fedxray.flower.server_app import ServerRun  # noqa: E402
+from fedxray.flower.strategy import FedXrayAvg, RoundFailed  # noqa: E402
+from fedxray.model import exchanged_keys, get_state, trunk_digest  # noqa: E402
+from test_flower import (DEADLINE_S, TINY, Federation, _frames, compare_with_in_process,  # noqa: E402,F401
+                         need_flower_processes, processes)
+
+
+# ----------------------------------------------------------------------------- crafted replies
+
+def _sent():
+    """A small global state with each kind of exchanged entry (weights, BN statistics, counter)."""
+    g = torch.Generator().manual_seed(0)
+    return {"layer4.0.conv1.weight": torch.randn(4, 3, 3, 3, generator=g),
+            "layer4.0.bn1.running_var": torch.rand(4, generator=g) + 0.5,
+            "layer4.0.bn1.num_batches_tracked": torch.tensor(7),
+            "fc.bias": torch.randn(14, generator=g)}
+
+
+def _trained(sent):
+    """What a client sends back after one round: small moves, 2 more batches tracked."""
+    state = {k: v + 0.01 if v.is_floating_point() else v + 2 for k, v in sent.items()}
+    return ClientUpdate(state, num_examples=40, train_loss=0.31)
+
+
+def _check(content, sent, **kw):
+    args = dict(client_id=1, node_id=11, num_examples=40, sent=sent, max_steps=5)   # 1 epoch, batch 8
+    return check_train_reply(content, **{**args, **kw})
+
+
+def _edit_state(fn):
+    def make(sent):
+        u = _trained(sent)
+        state = dict(u.state)
+        fn(state)
+        return train_reply(ClientUpdate(state, u.num_examples, u.train_loss), 1)
+    return make
+
+
+def _edit_metrics(**metrics):
+    def make(sent):
+        content = train_reply(_trained(sent), 1)
+        values = {**dict(content["metrics"]), **metrics}
+        content["metrics"] = MetricRecord({k: v for k, v in values.items() if v is not None})
+        return content
+    return make
+
+
+def _scaled(factor):
+    return _edit_state(lambda s: s.update({k: v * factor for k, v in s.items() if v.is_floating_point()}))
+
+
+BAD_REPLIES = {
+    "wrong dtype": (_edit_state(lambda s: s.update({"fc.bias": s["fc.bias"].double()})),
+                    r"'fc.bias' has dtype torch.float64, expected torch.float32"),
+    "wrong shape": (_edit_state(lambda s: s.update({"fc.bias": torch.zeros(15)})),
+                    r"'fc.bias' has shape \(15,\), expected \(14,\)"),
+    "extra key": (_edit_state(lambda s: s.update({"conv1.weight": torch.zeros(1)})),
+                  r"1 unexpected key\(s\) \(first 'conv1.weight'\)"),
+    "missing key": (_edit_state(lambda s: s.pop("fc.bias")), r"1 key\(s\) missing \(first 'fc.bias'\)"),
+    "NaN": (_edit_state(lambda s: s["fc.bias"].__setitem__(3, float("nan"))),
+            r"'fc.bias' holds 1 NaN or infinite value\(s\).*diverged"),
+    "scaled by 1e30": (_scaled(1e30), r"far beyond what one round of training produces.*MAX_UPDATE_FACTOR"),
+    "scaled by 1e10": (_scaled(1e10), r"far beyond"),
+    "scaled to infinity": (_scaled(1e38), r"NaN or infinite"),
+    "batches tracked went down": (_edit_state(lambda s: s.update({"layer4.0.bn1.num_batches_tracked": torch.tensor(6)})),
+                                  r"num_batches_tracked' moved by -1..-1 batches; one round trains 0..5"),
+    "batches tracked absurd": (_edit_state(lambda s: s.update({"layer4.0.bn1.num_batches_tracked": torch.tensor(10**15)})),
+                               r"one round trains 0..5"),
+    "num-examples inflated": (_edit_metrics(**{"num-examples": 4000}),
+                              r"weighs 4000 examples, but it reported 40 usable examples"),
+    "num-examples as float": (_edit_metrics(**{"num-examples": 40.0}), r"weighs 40.0 examples"),
+    "spoofed client id": (_edit_metrics(**{"client-id": 0}),
+                          r"claims to be client 0, but node 11 answered the query as client 1"),
+    "NaN loss": (_edit_metrics(train_loss=float("nan")), r"train_loss is nan"),
+    "negative loss": (_edit_metrics(train_loss=-1.0), r"train_loss is -1.0"),
+    "extra metric": (_edit_metrics(secret=3), r"record 'metrics' holds .*'secret'"),
+    "missing metric": (_edit_metrics(train_loss=None), r"record 'metrics' holds"),
+    "extra record": (lambda sent: RecordDict({**train_reply(_trained(sent), 1), "config": ConfigRecord({"a": 1})}),
+                     r"holds records \['arrays', 'config', 'metrics'\], expected \['arrays', 'metrics'\]"),
+    "no arrays": (lambda sent: RecordDict({"metrics": train_reply(_trained(sent), 1)["metrics"]}),
+                  r"holds records \['metrics'\]"),
+    "arrays as metrics": (lambda sent: RecordDict({"arrays": MetricRecord({"a": 1}),
+                                                   "metrics": train_reply(_trained(sent), 1)["metrics"]}),
+                          r"record 'arrays' is a MetricRecord, expected a ArrayRecord"),
+}
+
+
+def test_a_valid_reply_is_accepted_as_sent():
+    sent = _sent()
+    update = _check(train_reply(_trained(sent), 1), sent)
+    want = _trained(sent)
+    assert (update.num_examples, update.train_loss) == (40, pytest.approx(0.31))
+    for k, v in want.state.items():
+        assert update.state[k].dtype == v.dtype and torch.equal(update.state[k], v), k
+
+
+@pytest.mark.parametrize("case", list(BAD_REPLIES))
+def test_a_bad_reply_is_refused_naming_the_client_and_the_problem(case):
+    make, match = BAD_REPLIES[case]
+    sent = _sent()
+    with pytest.raises(MessageError, match=match) as err:
+        _check(make(sent), sent)
+    assert str(err.value).startswith("client 1 (node 11): ")
+
+
+def test_real_training_stays_within_the_bound_and_1e30_does_not(tiny_splits):
+    """Three rounds of Adam at lr 1e-3 on a random trunk (where layer4's BatchNorm statistics
+    move most) stay orders of magnitude inside MAX_UPDATE_FACTOR; the same update times 1e30 trips it."""
+    torch.manual_seed(0)
+    model = fedxray.build_model(14, None)
+    keys = exchanged_keys(model)
+    data = fedxray.NIHDataset(tiny_splits["train"], 64, preload=True)
+    client = Client(0, data, model, batch_size=8, lr=1e-3)
+    sent = get_state(model, keys)
+    steps = math.ceil(len(data) / 8)
+    worst = 0.0
+    for r in (1, 2, 3):
+        update = client.fit(sent, round_num=r)
+        assert update_problems(update.state, sent, steps) == []
+        for k, g in sent.items():
+            if g.is_floating_point():
+                worst = max(worst, float((update.state[k] - g).abs().max() / (1 + g.abs().max())))
+        sent = update.state
+    assert worst < MAX_UPDATE_FACTOR / 1000
+    poisoned = {k: v * 1e30 if v.is_floating_point() else v for k, v in update.state.items()}
+    assert update_problems(poisoned, sent, steps)
+
+
+def _reply(content, src, reply_to=""):
+    """A reply as the server pulls it: content (or an Error) from node src."""
+    from flwr.app import Metadata
+    meta = Metadata(run_id=1, message_id=f"r{src}-{reply_to}", src_node_id=src, dst_node_id=1,
+                    reply_to_message_id=reply_to, group_id="", created_at=time.time(), ttl=3600.0,
+                    message_type="train")
+    key = "error" if isinstance(content, Error) else "content"
+    return Message(metadata=meta, **{key: content})
+
+
+def test_each_way_a_client_fails_is_told_apart_and_the_rest_is_averaged(caplog):
+    from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+    sent = _sent()
+    strategy = FedXrayAvg(Config(num_clients=4, batch_size=8), list(sent), FaultPolicy(min_replies=1))
+    strategy.node_of = {0: 10, 1: 11, 2: 12, 3: 13}
+    strategy.client_examples = {k: 40 for k in range(4)}
+    strategy.chosen, strategy.sent, strategy.asked = [0, 1, 2, 3], sent, {"m1": 1}
+    got = []
+    strategy.on_train = lambda r, ids, updates, dropped: got.append((ids, [(d.client_id, d.why) for d in dropped]))
+    valid = train_reply(_trained(sent), 0)
+    replies = [_reply(valid, 10),
+               _reply(Error(ErrorCode.NODE_UNAVAILABLE, "Node Unavailable"), SUPERLINK_NODE_ID, reply_to="m1"),
+               _reply(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "<class 'OSError'>:<'disk full'>"), 12),
+               _reply(valid, 10),                                      # a duplicate
+               _reply(valid, 99)]                                      # a node nobody asked
+    arrays, _ = strategy.aggregate_train(4, replies)
+    assert got == [([0], [(1, "lost"), (2, "failed"), (3, "no_reply")])]
+    for k, v in to_state(arrays).items():
+        assert torch.equal(v, _trained(sent).state[k]), k                # the one valid reply, as sent
+    assert "client 2 (node 12) failed: its ClientApp raised an error; see that site's SuperNode log: " \
+           "<class 'OSError'>:<'disk full'>" in caplog.text
+    assert "ignored a reply from node 99" in caplog.text and "ignored a reply from node 10" in caplog.text
+
+
+# ----------------------------------------------------------------------------- crafted server messages
+
+def _train_message(state, **config):
+    values = {"server-round": 1, "trunk-digest": "ab" * 32, **config}
+    return RecordDict({"arrays": to_record(state), "config": ConfigRecord({k: v for k, v in values.items()
+                                                                           if v is not None})})
+
+
+def test_a_client_refuses_a_bad_server_message_and_blames_the_server():
+    own = _sent()
+    got = check_train_message(_train_message(own, **{"server-round": 3}), own, client_id=1)
+    assert got.server_round == 3 and got.trunk_digest == "ab" * 32
+    assert all(torch.equal(got.state[k], v) for k, v in own.items())
+    nan = {**own, "fc.bias": torch.full((14,), float("nan"))}
+    with pytest.raises(MessageError, match=r"client 1: the server's train message \(round 1\).*'fc.bias' holds 14 "
+                                           r"NaN.*The server is the source, not this site's data or training"):
+        check_train_message(_train_message(nan), own, client_id=1)
+    with pytest.raises(MessageError, match=r"lacks \['trunk-digest'\]"):
+        check_train_message(_train_message(own, **{"trunk-digest": None}), own, client_id=1)
+    with pytest.raises(MessageError, match=r"'trunk-digest' is 'abc', expected 64 hex digits"):
+        check_train_message(_train_message(own, **{"trunk-digest": "abc"}), own, client_id=1)
+    for bad in (0, -1, 1.0, "1", True):
+        with pytest.raises(MessageError, match=r"'server-round' is .*expected an integer >= 1"):
+            check_train_message(_train_message(own, **{"server-round": bad}), own, client_id=1)
+    with pytest.raises(MessageError, match=r"'fc.bias' has shape \(13,\), expected \(14,\)"):
+        check_train_message(_train_message({**own, "fc.bias": torch.zeros(13)}), own, client_id=1)
+    with pytest.raises(MessageError, match=r"1 key\(s\) missing"):
+        check_train_message(_train_message({k: v for k, v in own.items() if k != "fc.bias"}), own, client_id=1)
+    with pytest.raises(MessageError, match=r"holds records"):
+        check_train_message(RecordDict({"arrays": to_record(own)}), own, client_id=1)
+
+
+def test_query_replies_are_checked():
+    digest = "0f" * 32
+    assert check_query_reply(query_reply(1, 30, digest), 11, 2).client_id == 1
+    with pytest.raises(MessageError, match=r"SuperNode 11 says it is client 2, but num_clients=2"):
+        check_query_reply(query_reply(2, 30, digest), 11, 2)
+    with pytest.raises(MessageError, match=r"client 1 \(node 11\): 'num-examples' is 0"):
+        check_query_reply(query_reply(1, 0, digest), 11, 2)
+    with pytest.raises(MessageError, match=r"'image-list-digest' is 'nope'"):
+        check_query_reply(query_reply(1, 3, "nope"), 11, 2)
+    with pytest.raises(MessageError, match=r"holds records \['metrics'\]"):
+        check_query_reply(RecordDict({"metrics": query_reply(1, 3, digest)["metrics"]}), 11, 2)
+
+
+# ----------------------------------------------------------------------------- a federation in process
+
+class ServerKilled(BaseException):
+    """Stands for the ServerApp process being killed."""
+
+
+class FakeGrid:
+    """A Grid whose nodes are ClientApps called in this process: node 10 + k holds site k.
+    faults(round, node, reply) may return another reply, None (the node stays silent) or raise."""
+
+    def __init__(self, sites, run_config, faults=None, nodes=None):
+        nodes = nodes or {10 + k: k for k in range(len(sites))}
+        self.sites, self.run_config, self.faults = sites, run_config, faults
+        self.online = dict(nodes)   # node -> site
+        self.outbox: dict[str, Message] = {}
+        self.round = 0
+        self.replies: dict[tuple[int, int], Message] = {}   # (round, client) -> reply as sent
+
+    def get_node_ids(self):
+        return sorted(self.online)
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id
+            node = msg.metadata.dst_node_id
+            if msg.metadata.message_type == "train":
+                self.round = int(msg.content["config"]["server-round"])
+            reply = self._answer(msg, node) if node in self.online else None
+            if reply is not None and self.faults is not None and msg.metadata.message_type == "train":
+                reply = self.faults(self.round, node, reply)
+            if reply is not None:
+                self.outbox[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def _answer(self, msg, node):
+        k = self.online[node]
+        ctx = Context(run_id=1, node_id=node, node_config={"data-dir": str(self.sites[k]), "client-id": k},
+                      state=RecordDict(), run_config=self.run_config)
+        try:
+            reply = client_app.app(msg, ctx)
+        except Exception as e:   # what a SuperNode sends back when its ClientApp raises
+            return Message(Error(code=2, reason=f"{type(e)}:<'{e}'>"), reply_to=msg)
+        if msg.metadata.message_type == "train":
+            self.replies[(self.round, k)] = reply
+        return reply
+
+    def pull_messages(self, ids):
+        return [self.outbox.pop(i) for i in list(ids) if i in self.outbox]
+
+
+@pytest.fixture(autouse=True)
+def server_identity(monkeypatch):
+    """What a ServerApp process has and a test process lacks: the task identity that new Flower
+    Messages read their run id and source node from."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", SUPERLINK_NODE_ID)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+@pytest.fixture()
+def folders(tiny_splits, tmp_path):
+    parts = _frames(tiny_splits)
+    return dict(parts=parts, sites=write_client_folders(parts, tmp_path / "sites"),
+                val=write_nih_folder(tiny_splits["val"], tmp_path / "server" / "val"),
+                test=write_nih_folder(tiny_splits["test"], tmp_path / "server" / "test"))
+
+
+def _serve(config, folders, out, grid=None, faults=FaultPolicy(), grid_faults=None) -> ServerRun:
+    """What the ServerApp's main does, over a FakeGrid."""
+    client_app._sites.clear()
+    grid = grid or FakeGrid(folders["sites"], run_config_from_config(config), grid_faults)
+    server = ServerRun(config, folders["val"], folders["test"], out, faults)
+    strategy = FedXrayAvg(config, server.keys, faults, on_train=server.record_train)
+    strategy.connect(grid)
+    server.start(strategy.client_examples, strategy.client_digests)
+    server.run(grid, strategy)
+    return server
+
+
+def _silent_from_round(r, node):
+    def faults(round_num, n, reply):
+        return None if round_num >= r and n == node else reply
+    return faults
+
+
+def _history(out):
+    return pd.read_csv(out / "history.csv", dtype={"client": str})
+
+
+def test_a_silent_client_stops_a_strict_run_keeping_the_last_checkpoint(folders, tmp_path):
+    config = Config(**TINY)
+    out = tmp_path / "strict"
+    faults = FaultPolicy(round_timeout=0.5)
+    with pytest.raises(RoundFailed, match=r"round 2: 1 valid replies from the 2 sampled clients \[0, 1\], "
+                                          r"min-replies requires 2.*checkpoint of round 1 is kept.*client 1 "
+                                          r"\(node 11\) no_reply: no reply within round-timeout=0.5 s"):
+        _serve(config, folders, out, faults=faults, grid_faults=_silent_from_round(2, 11))
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["round"] == 1 and _history(out)["round"].max() == 1
+    assert not (out / "final_model.pt").exists()
+
+
+def test_min_replies_drops_silent_offline_and_refused_clients_and_records_them(folders, tmp_path):
+    """3 clients, min-replies 2: round 1 client 2 sends a 1e30-scaled state (refused), round 2
+    client 1 stays silent (no reply), round 3 client 1's SuperNode is gone (offline). Every round
+    is the fedavg of exactly the valid replies."""
+    parts3 = fedxray.partition(pd.concat(folders["parts"]), 3, seed=0)
+    sites = write_client_folders(parts3, tmp_path / "sites3")
+    config = Config(**{**TINY, "num_clients": 3, "num_rounds": 3})
+
+    def faults(r, node, reply):
+        if r == 1 and node == 12:
+            state = {k: v * 1e30 if v.is_floating_point() else v for k, v in to_state(reply.content["arrays"]).items()}
+            reply.content["arrays"] = to_record(state)
+        if r == 2 and node == 11:
+            return None
+        if r == 3 and node == 11:
+            raise AssertionError("an offline node got a message")
+        return reply
+
+    grid = FakeGrid(sites, run_config_from_config(config), faults)
+    real_refresh = FedXrayAvg.refresh
+
+    def refresh(self, g):
+        if g.round >= 2:                    # after round 2's messages: node 11 disconnects
+            g.online.pop(11, None)
+        return real_refresh(self, g)
+
+    out = tmp_path / "tolerant"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FedXrayAvg, "refresh", refresh)
+        server = _serve(config, {**folders, "sites": sites}, out, grid, FaultPolicy(2, 0.5))
+    h = _history(out)
+    dropped = h[h["metric"].str.startswith("dropped_")]
+    assert dropped[["round", "client", "metric"]].values.tolist() == [
+        [1, "2", "dropped_refused"], [2, "1", "dropped_no_reply"], [3, "1", "dropped_offline"]]
+    trained = h[(h["metric"] == "num_examples") & (h["split"] == "train")]
+    assert trained.groupby("round")["client"].apply(list).to_dict() == {1: ["0", "1"], 2: ["0", "2"], 3: ["0", "2"]}
+    sent = h[h["metric"] == "bytes_sent"].set_index("round")["value"]
+    per_client = fedxray.state_nbytes(server.global_state)
+    assert sent.to_dict() == {1: 3 * per_client, 2: 3 * per_client, 3: 2 * per_client}   # offline: not sent
+
+    # Round 3's global state is the example-weighted fedavg of clients 0 and 2's replies.
+    replies = [to_state(grid.replies[(3, k)].content["arrays"]) for k in (0, 2)]
+    want = fedxray.fedavg(replies, [len(parts3[0]), len(parts3[2])])
+    for k, v in want.items():
+        assert torch.equal(server.global_state[k].cpu(), v), k
+    assert load_checkpoint(out / "checkpoint.pt")["round"] == 3 and (out / "final_model.pt").exists()
+
+
+def test_a_restarted_server_resumes_to_the_uninterrupted_result(folders, tiny_splits, tmp_path):
+    """Killed after round 1 (in round 2), restarted: the same weights and history as one
+    uninterrupted in-process run; a restart with other inputs is refused, naming what changed."""
+    config = Config(**{**TINY, "num_rounds": 3})
+    out = tmp_path / "restarted"
+
+    def killed(r, node, reply):
+        if r == 2:
+            raise ServerKilled()
+        return reply
+
+    with pytest.raises(ServerKilled):
+        _serve(config, folders, out, grid_faults=killed)
+    assert load_checkpoint(out / "checkpoint.pt")["round"] == 1
+    (out / ".checkpoint.pt.abc123.tmp").write_bytes(b"half a checkpoint")   # a write the kill cut short
+    _serve(config, folders, out)
+    assert not list(out.glob(".*.tmp"))
+    sim = run_federated(config, tiny_splits, tmp_path / "sim", client_frames=folders["parts"])
+    compare_with_in_process(out, tmp_path / "sim", sim.model, rounds=3)
+
+    # The same folder with another client's data, another config, or a damaged checkpoint.
+    server = ServerRun(config, folders["val"], folders["test"], out)
+    digests = load_checkpoint(out / "checkpoint.pt")["inputs"]
+    clients = {k: digests[f"client_{k}"] for k in (0, 1)}
+    with pytest.raises(CheckpointError, match=r"other images or labels for client_1"):
+        server.start({0: 12, 1: 9}, {**clients, 1: "0" * 64})
+    other = ServerRun(Config(**{**TINY, "num_rounds": 3, "lr": 1e-2}), folders["val"], folders["test"], out)
+    with pytest.raises(CheckpointError, match=r"another configuration.*'lr'"):
+        other.start({0: 12, 1: 9}, clients)
+    data = bytearray((out / "checkpoint.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (out / "checkpoint.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"checkpoint.pt"):
+        ServerRun(config, folders["val"], folders["test"], out).start({0: 12, 1: 9}, clients)
+
+
+def test_a_restarted_supernode_takes_over_its_client_only_with_the_same_data(folders, tmp_path):
+    config = Config(**TINY)
+    grid = FakeGrid(folders["sites"], run_config_from_config(config))
+    strategy = FedXrayAvg(config, [], FaultPolicy(round_timeout=0.5))
+    client_app._sites.clear()
+    strategy.connect(grid)
+    assert strategy.node_of == {0: 10, 1: 11}
+    grid.online = {10: 0, 21: 1, 22: 0}     # node 11 restarted as 21; 22 claims client 0 as well
+    assert strategy.refresh(grid) == {10, 21, 22}
+    assert strategy.node_of == {0: 10, 1: 21} and strategy.ignored_nodes == {22}
+    other = write_client_folders([folders["parts"][0].iloc[:-1]], tmp_path / "changed")[0]
+    grid.sites = [*folders["sites"], other]
+    grid.online = {10: 0, 23: 2}            # client 1 back with fewer images: refused
+    strategy.refresh(grid)
+    assert strategy.node_of == {0: 10, 1: 21} and 23 in strategy.ignored_nodes
+
+
+def test_with_caches_on_a_flower_run_equals_the_in_process_run(folders, tiny_splits, tmp_path):
+    """image_cache + feature_cache: each site caches its own images (node cache folders), the server
+    its val and test (config.cache_dir), and the result is the in-process run's."""
+    config = Config(**{**TINY, "image_cache": True, "feature_cache": True, "cache_dir": str(tmp_path / "cache")})
+    _serve(config, folders, tmp_path / "flower")
+    sim = run_federated(config, tiny_splits, tmp_path / "sim", client_frames=folders["parts"])
+    compare_with_in_process(tmp_path / "flower", tmp_path / "sim", sim.model, rounds=config.num_rounds,
+                            own_info=("image_cache", "feature_cache_bytes"))   # the server caches val/test only
+    for site in folders["sites"]:
+        assert len(list((site / ".fedxray_cache").glob("images_64px_*/features_*.bin"))) == 1
+
+
+def test_site_caches_are_built_once_and_reused_by_the_next_process(folders, tmp_path, monkeypatch):
+    """With both caches on, the first message decodes the PNGs and runs the trunk once; a fresh
+    process (module state cleared) decodes nothing and runs the trunk once (a 1-image probe). The
+    query reports the usable examples: an undecodable PNG is left out, in the count and in training."""
+    from fedxray.model import ChestXrayResNet
+    site = folders["sites"][0]
+    bad = sorted((site / "images").iterdir())[0]
+    bad.unlink()
+    bad.write_bytes(b"not a png")
+    config = Config(**{**TINY, "image_cache": True, "feature_cache": True})
+    ctx = Context(run_id=1, node_id=10, node_config={"data-dir": str(site), "client-id": 0},
+                  state=RecordDict(), run_config=run_config_from_config(config))
+    client_app._sites.clear()
+    answer = client_app.app(_query_message(), ctx)
+    frame = fedxray.load_nih(site)
+    usable = frame[frame["image"] != bad.name]
+    assert dict(answer.content["metrics"]) == {"client-id": 0, "num-examples": len(usable)}
+    assert answer.content["config"]["image-list-digest"] == image_list_digest(usable)
+    assert (site / ".fedxray_cache").is_dir()
+
+    torch.manual_seed(config.seed)
+    model = fedxray.build_model(14, None)
+    state = get_state(model, exchanged_keys(model))
+    message = RecordDict({"arrays": to_record(state),
+                          "config": ConfigRecord({"server-round": 1, "trunk-digest": trunk_digest(model)})})
+    calls = []
+    real_trunk = ChestXrayResNet.trunk
+    monkeypatch.setattr(ChestXrayResNet, "trunk", lambda self, x: calls.append(len(x)) or real_trunk(self, x))
+    client_app._sites.clear()
+    first = client_app.app(_train_message_to(message), ctx)
+    assert first.content["metrics"]["num-examples"] == len(usable) and sum(calls) > len(usable)
+    calls.clear()
+    cached = _files(site / ".fedxray_cache")
+    assert any(p.suffix == ".bin" for p in cached) and any(p.suffix == ".u8" for p in cached)
+    client_app._sites.clear()                                       # a fresh process
+    second = client_app.app(_train_message_to(message), ctx)
+    assert calls == [1]                                              # the probe, no image
+    assert _files(site / ".fedxray_cache") == cached                 # nothing decoded or written again
+    for k, v in to_state(first.content["arrays"]).items():
+        assert torch.equal(to_state(second.content["arrays"])[k], v), k
+
+
+def _files(folder):
+    """path -> (size, mtime) of the data files under folder (lock files left out)."""
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
+            if p.is_file() and "lock" not in p.name}
+
+
+def _query_message():
+    from test_flower import _message
+    return _message(RecordDict(), "query")
+
+
+def _train_message_to(content):
+    from test_flower import _message
+    return _message(content, "train")
+
+
+# ----------------------------------------------------------------------------- real processes
+
+def _kill_group(proc) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+def _history_round(path) -> int:
+    try:
+        return int(pd.read_csv(path)["round"].max())
+    except (OSError, ValueError, KeyError, pd.errors.EmptyDataError):
+        return -1
+
+
+def test_a_killed_supernode_is_dropped_and_the_run_completes(folders, tmp_path, processes):
+    """Real processes: SuperNode 1 (its whole process group) is SIGKILLed once round 1 is saved;
+    with min-replies 1 the run aggregates client 0 alone and records client 1 as dropped."""
+    need_flower_processes()
+    until = time.monotonic() + DEADLINE_S
+    config = Config(**TINY)
+    out = tmp_path / "flower_run"
+    overrides = write_run_config(tmp_path / "run_config.toml", config, out, folders["val"], folders["test"],
+                                 FaultPolicy(min_replies=1, round_timeout=45.0))
+    try:
+        federation = Federation(processes, tmp_path, folders["sites"], until)
+        run = federation.run(overrides)
+        federation.wait(lambda: _history_round(out / "history.csv") >= 1, "round 1 is saved", run)
+        _kill_group(processes.procs["supernode_1"])
+        federation.wait((out / "final_model.pt").exists, "the run finishes without client 1", run,
+                        may_die=("flwr_run", "supernode_1"))
+        h = _history(out)
+        assert h[h["round"] == 2].query("split == 'train' and metric == 'num_examples'")["client"].tolist() == ["0"]
+        dropped = h[h["metric"].str.startswith("dropped_")]
+        assert dropped[["round", "client"]].values.tolist() == [[2, "1"]], dropped
+        assert dropped["metric"].iloc[0] in ("dropped_lost", "dropped_no_reply")   # heartbeat or timeout first
+        assert load_checkpoint(out / "checkpoint.pt")["round"] == 2
+        log = (tmp_path / "flwr_run.log").read_text(errors="replace")
+        assert "round 2: client 1 (node " in log
+        final = torch.load(out / "final_model.pt", map_location="cpu", weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+    except BaseException:
+        print(processes.logs())
+        raise
+
+
+def test_a_killed_server_resumes_and_ends_as_the_uninterrupted_run(folders, tiny_splits, tmp_path, processes):
+    """Real processes: the ServerApp process is SIGKILLed once round 1's checkpoint is written;
+    `flwr run` again with the same output-dir resumes it, and the run ends with the weights and
+    history of fedxray.run_federated in process."""
+    need_flower_processes()
+    until = time.monotonic() + DEADLINE_S
+    config = Config(**{**TINY, "num_rounds": 3})
+    out = tmp_path / "flower_run"
+    overrides = write_run_config(tmp_path / "run_config.toml", config, out, folders["val"], folders["test"])
+    try:
+        federation = Federation(processes, tmp_path, folders["sites"], until)
+        first = federation.run(overrides, "flwr_run_first")
+        sim = run_federated(config, tiny_splits, tmp_path / "sim_run", client_frames=folders["parts"])
+
+        def round_one_saved():
+            return (_history_round(out / "history.csv") >= 1
+                    and load_checkpoint(out / "checkpoint.pt")["round"] >= 1)
+        federation.wait(round_one_saved, "round 1's checkpoint", first)
+        servers = federation.serverapp_pids()
+        assert len(servers) == 1, servers
+        os.kill(servers[0], signal.SIGKILL)
+        _kill_group(first)
+        killed_at = load_checkpoint(out / "checkpoint.pt")["round"]
+        assert killed_at < config.num_rounds and not (out / "final_model.pt").exists()
+        # What an operator does after a server crash: stop the dead run (else the SuperNodes keep
+        # fetching its last messages until the SuperLink expires it, about 40 s), then run again.
+        run_id = re.search(r"Successfully started run (\d+)", (tmp_path / "flwr_run_first.log").read_text()).group(1)
+        stop = subprocess.run(["flwr", "stop", run_id, "fedxray-test"], env=federation.cli_env, capture_output=True,
+                              text=True, timeout=120)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+
+        second = federation.run(overrides, "flwr_run_second")
+        federation.wait((out / "final_model.pt").exists, "the restarted run finishes", second,
+                        may_die=("flwr_run",))
+        log = (tmp_path / "flwr_run_second.log").read_text(errors="replace")
+        assert f"after round {killed_at} of 3" in log
+        compare_with_in_process(out, tmp_path / "sim_run", sim.model, rounds=3)
+    except BaseException:
+        print(processes.logs())
+        raise
