@@ -32,9 +32,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from .cache import build_feature_cache, build_image_cache, usable_cores
+from .cache import build_image_cache, usable_cores
 from .client import Client
 from .config import Config
+from .features import build_feature_cache
 from .data import IMAGENET_MEAN, IMAGENET_STD, LABELS, label_matrix, load_gray, load_nih
 from .federated import FederatedRun
 from .model import build_model, exchanged_keys, get_state

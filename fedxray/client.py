@@ -52,7 +52,7 @@ def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
 
 
 def is_feature_data(dataset) -> bool:
-    """True for precomputed trunk features (fedxray.cache.FeatureDataset): only model.head runs."""
+    """True for precomputed trunk features (fedxray.features.FeatureDataset): only model.head runs."""
     return bool(getattr(dataset, "is_features", False))
 
 

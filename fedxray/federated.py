@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .aggregation import fedavg, state_nbytes
-from .cache import build_feature_cache, build_image_cache
+from .cache import build_image_cache
 from .checkpoint import (CHECKPOINT, CONFIG, FINAL_MODEL, HISTORY, HISTORY_COLUMNS, RUN_INFO, CheckpointError,
                          check_resume,
                          clean_orphans, image_list_digest, load_checkpoint, restore_rng, save_checkpoint,
@@ -24,6 +24,7 @@ from .checkpoint import (CHECKPOINT, CONFIG, FINAL_MODEL, HISTORY, HISTORY_COLUM
 from .client import Client, ClientUpdate, DivergenceError, autocast, batches, derive_seed, is_feature_data, to_input
 from .config import Config
 from .data import LABELS, NIHDataset
+from .features import build_feature_cache
 from .io import atomic_write, atomic_write_text, file_lock
 from .metrics import auroc_per_finding, mean_auroc
 from .model import ChestXrayResNet, build_model, exchanged_keys, get_state, trunk_digest

@@ -14,7 +14,8 @@ import torch
 import fedxray
 from fedxray import Config, load_gray, run_federated
 from fedxray.cache import (CACHE_VERSION, IMAGES, INDEX, PROGRESS, CachedImageDataset, ImageCache,
-                           build_feature_cache, build_image_cache, find_image_cache)
+                           build_image_cache, find_image_cache)
+from fedxray.features import build_feature_cache
 from fedxray.data import DataError, ImageDecodeError
 from fedxray.io import file_lock, orphan_temporaries
 from fedxray.federated import FederatedRun

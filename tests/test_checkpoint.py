@@ -4,7 +4,6 @@ process per output folder; the local-only baseline on the same rows as FedAvg.""
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -168,7 +167,7 @@ def test_nan_from_the_server_is_blamed_on_the_server(tiny_splits):
 
 
 def test_damaged_cached_features_are_blamed_on_the_cache(tiny_splits, tmp_path):
-    from fedxray.cache import FeatureCache
+    from fedxray.features import FeatureCache
     run = FederatedRun(_config(), tiny_splits["train"], tiny_splits["val"], tiny_splits["test"], "unused")
     frame = run.client_frames[0]
     features = torch.randn(len(frame), 256, 4, 4)

@@ -20,11 +20,12 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from ..cache import build_feature_cache, build_image_cache
+from ..cache import build_image_cache
 from ..checkpoint import image_list_digest
 from ..client import Client
 from ..config import Config
 from ..data import LABELS, NIHDataset, load_nih
+from ..features import build_feature_cache
 from ..model import build_model
 from .records import check_train_message, check_trunk, query_reply, train_reply
 from .runconfig import NodeSettings, check_supported, config_from_run_config, log_to_flower, node_settings

@@ -13,13 +13,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from ..aggregation import state_nbytes
-from ..cache import build_feature_cache, build_image_cache
+from ..cache import build_image_cache
 from ..checkpoint import (CHECKPOINT, CONFIG, FINAL_MODEL, HISTORY, HISTORY_COLUMNS, RUN_INFO, CheckpointError,
                           check_resume, clean_orphans, image_list_digest, load_checkpoint, save_checkpoint,
                           save_final_model)
 from ..client import ClientUpdate
 from ..config import Config
 from ..data import LABELS, NIHDataset, load_nih
+from ..features import build_feature_cache
 from ..federated import RUN_LOCK, metric_rows, predict, run_info, train_rows
 from ..io import atomic_write_text, file_lock
 from ..model import build_model, exchanged_keys, get_state, trunk_digest
