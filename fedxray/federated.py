@@ -27,7 +27,7 @@ from .data import LABELS, NIHDataset
 from .features import build_feature_cache
 from .io import atomic_write, atomic_write_text, file_lock
 from .metrics import auroc_per_finding, mean_auroc
-from .model import ChestXrayResNet, build_model, exchanged_keys, get_state, trunk_digest
+from .model import ChestXrayResNet, build_model, exchanged_keys, get_state, state_problems, trunk_digest
 from .partition import partition
 
 log = logging.getLogger(__name__)
@@ -329,12 +329,12 @@ class FederatedRun:
 
 
 def _checked_state(saved: dict, expected: dict, path: Path, what: str) -> dict:
-    """saved, when it has exactly the keys, shapes and dtypes of expected (the model's own)."""
-    problems = [k for k in expected if k not in saved or saved[k].shape != expected[k].shape
-                or saved[k].dtype != expected[k].dtype] + [k for k in saved if k not in expected]
+    """saved, when it has exactly the keys, shapes and dtypes of expected (the model's own) and
+    finite values."""
+    problems = state_problems(saved, expected)
     if problems:
-        raise CheckpointError(f"{path}: {what} does not fit this model (first mismatched entry {problems[0]!r}); "
-                         f"use another output_dir, or resume=False to start over")
+        raise CheckpointError(f"{path}: {what} does not fit this model ({'; '.join(problems[:3])}); "
+                              f"use another output_dir, or resume=False to start over")
     return saved
 
 

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -91,6 +92,29 @@ def get_state(model: nn.Module, keys) -> dict[str, torch.Tensor]:
     """Detached CPU copies of the named entries (a state_dict is a live reference)."""
     sd = model.state_dict()
     return {k: sd[k].detach().to("cpu", copy=True) for k in keys}
+
+
+def state_problems(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> list[str]:
+    """What makes state unfit to load where reference lives: missing or unexpected keys, another
+    shape or dtype, non-finite values. Empty when it fits."""
+    missing = [k for k in reference if k not in state]
+    extra = [k for k in state if k not in reference]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} key(s) missing (first {missing[0]!r})")
+    if extra:
+        problems.append(f"{len(extra)} unexpected key(s) (first {extra[0]!r})")
+    for k, ref in reference.items():
+        t = state.get(k)
+        if t is None:
+            continue
+        if t.dtype != ref.dtype:
+            problems.append(f"{k!r} has dtype {t.dtype}, expected {ref.dtype}")
+        elif tuple(t.shape) != tuple(ref.shape):
+            problems.append(f"{k!r} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+        elif t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            problems.append(f"{k!r} holds {int((~torch.isfinite(t)).sum())} NaN or infinite value(s)")
+    return problems
 
 
 def trunk_digest(model: nn.Module) -> str:

@@ -380,6 +380,7 @@ class Federation:
         return pids
 
 
+@pytest.mark.slow
 def test_flower_deployment_equals_in_process_run(tiny_splits, tmp_path, processes):
     need_flower_processes()
     until = time.monotonic() + DEADLINE_S

@@ -525,6 +525,7 @@ def _history_round(path) -> int:
         return -1
 
 
+@pytest.mark.slow
 def test_a_killed_supernode_is_dropped_and_the_run_completes(folders, tmp_path, processes):
     """Real processes: SuperNode 1 (its whole process group) is SIGKILLed once round 1 is saved;
     with min-replies 1 the run aggregates client 0 alone and records client 1 as dropped."""
@@ -556,6 +557,7 @@ def test_a_killed_supernode_is_dropped_and_the_run_completes(folders, tmp_path, 
         raise
 
 
+@pytest.mark.slow
 def test_a_killed_server_resumes_and_ends_as_the_uninterrupted_run(folders, tiny_splits, tmp_path, processes):
     """Real processes: the ServerApp process is SIGKILLed once round 1's checkpoint is written;
     `flwr run` again with the same output-dir resumes it, and the run ends with the weights and

@@ -21,6 +21,7 @@ def test_committed_notebook_has_a_parameters_cell_and_no_outputs():
         assert f"\n{name} = " in "\n" + params, name
 
 
+@pytest.mark.slow
 def test_notebook_runs_on_demo_data(tmp_path):
     pm = pytest.importorskip("papermill")
     out = tmp_path / "run"
@@ -41,6 +42,7 @@ def test_notebook_runs_on_demo_data(tmp_path):
     assert "synthetic demo data" in text
 
 
+@pytest.mark.slow
 def test_demo_defaults_reach_the_promised_auroc(tmp_path):
     """The README's promise: the notebook's defaults on the demo data, from random weights (no
     internet, no ImageNet weights), reach a test mean AUROC of at least 0.75."""

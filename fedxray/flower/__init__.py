@@ -6,8 +6,9 @@ fedxray.flower.server_app and fedxray.flower.client_app, which need `pip install
 The Flower App that `flwr run` submits is the folder APP_DIR. See README.md, "Beyond one machine: Flower".
 """
 from .folders import write_client_folders, write_nih_folder
-from .runconfig import (APP_DIR, CLIENT_ID, DATA_DIR, SERVER_KEYS, config_from_run_config,
-                        run_config_from_config, write_run_config)
+from .runconfig import (APP_DIR, CACHE_DIR, CLIENT_ID, DATA_DIR, FLOWER_KEYS, SERVER_KEYS, FaultPolicy,
+                        config_from_run_config, run_config_from_config, write_run_config)
 
-__all__ = ["APP_DIR", "CLIENT_ID", "DATA_DIR", "SERVER_KEYS", "config_from_run_config",
-           "run_config_from_config", "write_client_folders", "write_nih_folder", "write_run_config"]
+__all__ = ["APP_DIR", "CACHE_DIR", "CLIENT_ID", "DATA_DIR", "FLOWER_KEYS", "SERVER_KEYS", "FaultPolicy",
+           "config_from_run_config", "run_config_from_config", "write_client_folders", "write_nih_folder",
+           "write_run_config"]

@@ -13,13 +13,12 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor, nn
 
 from ..aggregation import fedavg
 from ..client import ClientUpdate
-from ..model import trunk_digest
+from ..model import state_problems, trunk_digest
 
 # Record keys. "num-examples" is also what Flower's FedAvg weights by (its weighted_by_key).
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
@@ -75,29 +74,6 @@ def query_reply(client_id: int, num_examples: int, image_digest: str) -> RecordD
 
 
 # --------------------------------------------------------------------------- checks
-
-def state_problems(state: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> list[str]:
-    """What makes state unfit to load where reference lives: missing or unexpected keys, another
-    shape or dtype, non-finite values. Empty when it fits."""
-    missing = [k for k in reference if k not in state]
-    extra = [k for k in state if k not in reference]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} key(s) missing (first {missing[0]!r})")
-    if extra:
-        problems.append(f"{len(extra)} unexpected key(s) (first {extra[0]!r})")
-    for k, ref in reference.items():
-        t = state.get(k)
-        if t is None:
-            continue
-        if t.dtype != ref.dtype:
-            problems.append(f"{k!r} has dtype {t.dtype}, expected {ref.dtype}")
-        elif tuple(t.shape) != tuple(ref.shape):
-            problems.append(f"{k!r} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
-        elif t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            problems.append(f"{k!r} holds {int((~torch.isfinite(t)).sum())} NaN or infinite value(s)")
-    return problems
-
 
 def update_problems(state: Mapping[str, Tensor], sent: Mapping[str, Tensor], max_steps: int) -> list[str]:
     """What no round of training produces, for a state that already fits `sent`: a float entry

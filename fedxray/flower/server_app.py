@@ -23,8 +23,8 @@ from ..data import LABELS, NIHDataset, load_nih
 from ..features import build_feature_cache
 from ..federated import RUN_LOCK, metric_rows, predict, run_info, train_rows
 from ..io import atomic_write_text, file_lock
-from ..model import build_model, exchanged_keys, get_state, trunk_digest
-from .records import TRUNK_DIGEST, state_problems, to_record, to_state
+from ..model import build_model, exchanged_keys, get_state, state_problems, trunk_digest
+from .records import TRUNK_DIGEST, to_record, to_state
 from .runconfig import (FaultPolicy, check_supported, config_from_run_config, fault_policy, log_to_flower,
                         server_paths)
 from .strategy import Dropped, FedXrayAvg
