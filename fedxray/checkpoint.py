@@ -143,8 +143,9 @@ def read_weights_file(path: str | os.PathLike, what: str = "checkpoint") -> Any:
         raise
     except Exception as e:
         unsafe = "weights_only" in str(e) or "Unsupported global" in str(e)
-        why = ("it holds Python objects other than tensors and plain values, which fedxray never writes "
-               "(a file crafted to run code on load?); it was not loaded and none of it ran" if unsafe else
+        why = ("it holds Python objects other than tensors and plain values: a checkpoint of fedxray's first "
+               "release (which pickled numpy's RNG state) or a file crafted to run code on load; it was not "
+               "loaded and none of it ran" if unsafe else
                f"it is corrupt or truncated ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
         raise CheckpointError(f"cannot read the {what} {path}: {why}. Delete it, or start over "
                               f"(resume=False or another output_dir)") from e
@@ -195,7 +196,11 @@ def check_resume(ckpt: dict, path: str | os.PathLike, config: Config, info: dict
     """Refuse to resume a checkpoint written by another experiment: another configuration, other
     weights, another trunk or other images for any client, val or test. The error lists each
     difference (saved vs now) and the remedy."""
-    saved = Config.from_dict(ckpt["config"])
+    try:
+        saved = Config.from_dict(ckpt["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} holds a configuration this fedxray cannot read ({e}): use another "
+                              f"output_dir, or resume=False to start over") from None
     changes = []
     if not saved.same_experiment(config):
         diff = {k: (v, getattr(config, k)) for k, v in saved.to_dict().items() if v != getattr(config, k)}

@@ -4,6 +4,7 @@ process per output folder; the local-only baseline on the same rows as FedAvg.""
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -193,3 +194,22 @@ def test_local_only_partitions_the_same_usable_rows_as_fedavg(tmp_path):
         assert info["client_examples"] == [len(frame)], k
         ckpt = load_checkpoint(tmp_path / "local" / f"client_{k}" / CHECKPOINT)
         assert ckpt["inputs"]["client_0"] == fedxray.checkpoint.image_list_digest(frame)
+
+
+def test_a_first_release_checkpoint_is_refused_with_its_reason(tiny_splits, tmp_path):
+    # What the first release wrote: numpy's RNG state pickled beside the tensors.
+    torch.save({"round": 1, "global_state": {}, "rng": {"numpy": np.random.get_state()}},
+               tmp_path / CHECKPOINT)
+    with pytest.raises(CheckpointError, match="first release.*none of it ran.*resume=False"):
+        run_federated(_config(), tiny_splits, tmp_path)
+
+
+def test_a_checkpoint_from_a_newer_config_names_the_file(tiny_splits, tmp_path):
+    from fedxray.checkpoint import payload_digest
+    run_federated(_config(), tiny_splits, tmp_path)
+    payload = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    payload["config"] = json.dumps({**json.loads(payload["config"]), "strategy": "fedprox"})
+    payload["checksum"] = payload_digest({k: v for k, v in payload.items() if k != "checksum"})
+    torch.save(payload, tmp_path / CHECKPOINT)                      # intact, but from another version
+    with pytest.raises(CheckpointError, match=rf"{tmp_path / CHECKPOINT} holds a configuration.*strategy"):
+        run_federated(_config(), tiny_splits, tmp_path)
