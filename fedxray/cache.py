@@ -251,6 +251,11 @@ class ImageCache:
         """The whole array in host memory (only when asked: NIH at 224 px is 5.6 GB)."""
         return np.array(self.array)
 
+    def content_digest(self, rows: np.ndarray) -> str:
+        """A digest of the cached bytes of these rows (their CRC-32s): it changes whenever one of
+        them is decoded again, so whatever was computed from the rows (cached features) goes stale."""
+        return _digest(self._crc[np.asarray(rows, np.int64)].astype("<i8").tobytes().hex())
+
     def rows(self, names: Sequence[str]) -> np.ndarray:
         """Row of each name; an error names the images this cache does not hold."""
         return _rows(self._row, names, f"not in the image cache {self.directory}; build the cache "

@@ -137,7 +137,10 @@ def build_feature_cache(model, images: CachedImageDataset, device: torch.device 
         raise DataError("build_feature_cache needs each image once: drop duplicated names")
     model.to(device)
     trunk = trunk_digest(model)
-    key = _digest(CACHE_VERSION, images.cache.key, _digest(*names), trunk, dtype, amp_dtype)
+    # Keyed by the pixels too (the rows' CRCs): a PNG changed on disk is decoded again by the image
+    # cache, and the features computed from its old pixels must not be served with the new ones.
+    key = _digest(CACHE_VERSION, images.cache.key, _digest(*names), images.cache.content_digest(images.rows),
+                  trunk, dtype, amp_dtype)
     size = images.image_size
     probe = model.trunk(to_input(torch.zeros(1, size, size, dtype=torch.uint8), device, None))
     shape = (len(names), *probe.shape[1:])

@@ -450,3 +450,21 @@ def test_bench_smoke_writes_json(tmp_path):
     assert any(k.startswith("naive_") for k in result["throughput"])
     assert all(v["images_per_s"] > 0 for v in result["throughput"].values())
     assert "images/s" in proc.stdout and "federated run" in proc.stdout
+
+
+def test_features_follow_a_png_changed_on_disk(resnet, tiny_meta, tmp_path):
+    # The first hardened version re-decoded the changed row but served the old features with it.
+    meta = tiny_meta.iloc[:6]
+    images = build_image_cache(meta, SIZE, tmp_path, num_workers=0, progress=False).dataset(meta)
+    before = np.array(_features(resnet, images).features)
+    png = meta.path.iloc[2]
+    from PIL import Image
+    Image.fromarray(255 - load_gray(png)).save(png)                  # another image at the same path
+    os.utime(png, ns=(os.stat(png).st_atime_ns, os.stat(png).st_mtime_ns + 10**9))
+    images = build_image_cache(meta, SIZE, tmp_path, num_workers=0, progress=False).dataset(meta)
+    after = np.array(_features(resnet, images).features)
+    with torch.no_grad():
+        fresh = resnet.trunk(fedxray.client.to_input(torch.from_numpy(images.gray(2))[None], torch.device("cpu"), None))
+    np.testing.assert_allclose(after[2], fresh[0].numpy().astype(np.float16), rtol=1e-2, atol=1e-2)
+    assert not np.allclose(after[2], before[2], atol=1e-2)
+    np.testing.assert_array_equal(after[[0, 1, 3, 4, 5]], before[[0, 1, 3, 4, 5]])
