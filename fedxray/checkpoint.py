@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -133,10 +134,24 @@ def clean_orphans(output_dir: str | os.PathLike) -> list[Path]:
 
 # --------------------------------------------------------------------------- reading
 
+# Before torch 2.6, torch.load(weights_only=True) could be made to run code (CVE-2025-32434).
+SAFE_LOAD_TORCH = (2, 6)
+
+
+def check_safe_torch(path: str | os.PathLike) -> None:
+    """Refuse to read a weights file with a torch whose weights_only loader is not safe."""
+    version = tuple(int(x) for x in re.findall(r"\d+", str(torch.__version__))[:2])
+    if version < SAFE_LOAD_TORCH:
+        raise CheckpointError(f"not reading {path} with torch {torch.__version__}: before "
+                              f"{'.'.join(map(str, SAFE_LOAD_TORCH))}, torch.load(weights_only=True) can be "
+                              f"made to run code (CVE-2025-32434). Upgrade torch: pip install 'torch>=2.6'")
+
+
 def read_weights_file(path: str | os.PathLike, what: str = "checkpoint") -> Any:
     """torch.load(path, weights_only=True), any failure as CheckpointError naming the file. A file
     that holds anything but tensors and plain values is refused before any of it runs."""
     path = Path(path)
+    check_safe_torch(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

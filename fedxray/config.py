@@ -14,7 +14,7 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 BN_POLICIES = ("average", "local")
 PARTITIONS = ("iid", "dirichlet", "column", "quantity")
 # Fields that change how a run executes but not what it computes: a resume may differ in them.
-RUNTIME_FIELDS = ("device", "num_workers", "progress", "image_cache", "cache_dir")
+RUNTIME_FIELDS = ("device", "num_workers", "progress", "image_cache", "cache_dir", "preload")
 FEATURE_DTYPES = ("float16", "float32")
 
 # The notebook's None parameters resolve to these, by dataset. NIH: 224 px is what the ImageNet

@@ -394,6 +394,8 @@ def split_by_patient(metadata: pd.DataFrame, lists_dir: str | os.PathLike | None
         if not listed.all():
             log.warning("%d image(s) are in neither split list; they join train_val", int((~listed).sum()))
     else:
+        log.info("no %s and %s beside the metadata (or in lists_dir): a seeded split holds out %.0f%% of "
+                 "the patients for test", TRAIN_VAL_LIST, TEST_LIST, 100 * test_fraction)
         patients = np.unique(pid)
         n_test = int(round(test_fraction * len(patients)))
         test_patients = rng.permutation(patients)[:n_test]

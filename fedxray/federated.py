@@ -357,6 +357,12 @@ def run_local_only(config: Config, splits: dict[str, pd.DataFrame], output_dir: 
     """The local-only baseline: each client trains alone on its partition (same partition as the
     federated run), evaluated on the same val and test sets. Returns the combined history with
     'client' naming the client whose model was evaluated."""
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    with file_lock(Path(output_dir) / RUN_LOCK, wait=False, purpose=f"a local-only baseline in {output_dir}"):
+        return _run_local_only(config, splits, Path(output_dir), resume)
+
+
+def _run_local_only(config: Config, splits: dict[str, pd.DataFrame], output_dir: Path, resume: bool) -> pd.DataFrame:
     c = config
     splits = cap_splits(splits, c.max_images, c.seed)
     if c.image_cache or c.feature_cache:   # one cache over every image, which each client's run reuses

@@ -196,6 +196,8 @@ def _imagenet_state() -> dict[str, torch.Tensor]:
 def _file_state(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist (from weights= or {WEIGHTS_ENV})")
+    from .checkpoint import check_safe_torch
+    check_safe_torch(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

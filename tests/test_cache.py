@@ -468,3 +468,14 @@ def test_features_follow_a_png_changed_on_disk(resnet, tiny_meta, tmp_path):
     np.testing.assert_allclose(after[2], fresh[0].numpy().astype(np.float16), rtol=1e-2, atol=1e-2)
     assert not np.allclose(after[2], before[2], atol=1e-2)
     np.testing.assert_array_equal(after[[0, 1, 3, 4, 5]], before[[0, 1, 3, 4, 5]])
+
+
+def test_a_read_only_cache_that_needs_repair_names_the_remedy(tiny_meta, tmp_path, monkeypatch):
+    build_image_cache(tiny_meta, SIZE, tmp_path, num_workers=0, progress=False)
+    os.utime(tiny_meta.path.iloc[0], ns=(1, 10**18))                  # a PNG newer than its row
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system", str(tmp_path / ".lock"))
+    monkeypatch.setattr(fedxray.cache, "file_lock", read_only)
+    with pytest.raises(DataError, match=r"read-only file system.*writable cache_dir.*FEDXRAY_CACHE_DIR"):
+        build_image_cache(tiny_meta, SIZE, tmp_path, num_workers=0, progress=False)

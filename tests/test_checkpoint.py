@@ -213,3 +213,25 @@ def test_a_checkpoint_from_a_newer_config_names_the_file(tiny_splits, tmp_path):
     torch.save(payload, tmp_path / CHECKPOINT)                      # intact, but from another version
     with pytest.raises(CheckpointError, match=rf"{tmp_path / CHECKPOINT} holds a configuration.*strategy"):
         run_federated(_config(), tiny_splits, tmp_path)
+
+
+def test_old_torch_is_refused_before_reading(tiny_splits, tmp_path, monkeypatch):
+    run_federated(_config(), tiny_splits, tmp_path)
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cu121")
+    with pytest.raises(CheckpointError, match=r"torch 2.5.1\+cu121.*CVE-2025-32434.*torch>=2.6"):
+        load_checkpoint(tmp_path / CHECKPOINT)
+    with pytest.raises(CheckpointError, match="CVE-2025-32434"):
+        fedxray.build_model(weights=str(tmp_path / FINAL_MODEL))
+
+
+def test_preload_is_how_a_run_executes_not_what_it_computes(tiny_splits, tmp_path):
+    run_federated(_config(num_rounds=1), tiny_splits, tmp_path)
+    res = run_federated(_config(num_rounds=1, preload=False), tiny_splits, tmp_path)   # resumes
+    assert res.history["round"].max() == 1
+
+
+def test_local_only_holds_its_folder(tiny_splits, tmp_path):
+    with file_lock(tmp_path / ".lock"):
+        with pytest.raises(LockedError):
+            run_local_only(_config(), tiny_splits, tmp_path)
+    assert not (tmp_path / "history.csv").exists()

@@ -433,3 +433,12 @@ def test_a_split_list_that_is_not_a_list_of_names_is_an_error(tmp_path):
     (tmp_path / "test_list.txt").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")
     with pytest.raises(DataError, match=r"test_list\.txt is not a text file"):
         fedxray.split_by_patient(meta)
+
+
+def test_a_seeded_split_says_so(tiny_nih, caplog):
+    import logging
+    meta = fedxray.load_nih(tiny_nih)
+    meta.attrs = {}                                       # e.g. after a CSV round trip
+    with caplog.at_level(logging.INFO, logger="fedxray.data"):
+        fedxray.split_by_patient(meta, seed=0)
+    assert "seeded split" in caplog.text and "test_list.txt" in caplog.text
