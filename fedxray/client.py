@@ -171,6 +171,7 @@ class Client:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         bad_inputs = torch.zeros((), dtype=torch.bool, device=self.device)
         check_inputs = is_feature_data(self.dataset)
+        first_loss = None   # of the received weights, before any local step: tells whose fault a divergence is
         seen = 0
         for epoch in range(self.local_epochs):
             for x, y in loader:
@@ -180,6 +181,8 @@ class Client:
                     bad_inputs |= ~torch.isfinite(x).all()
                 with autocast(self.device, self.amp_dtype):
                     loss = loss_fn(forward(x).float(), y)
+                if first_loss is None:
+                    first_loss = loss.detach()
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
@@ -192,6 +195,7 @@ class Client:
                                  f"infinite values, read from {where}: the cached features are damaged, not "
                                  f"the training. Delete that file to rebuild it")
             if not torch.isfinite(total):
+                self._check_received(first_loss, round_num)
                 raise NonFiniteLossError(
                     f"client {self.client_id}, round {round_num}: training loss became {total.item()} in "
                     f"local epoch {epoch + 1}; {self._advice()}")
@@ -203,11 +207,21 @@ class Client:
                                   f"{self._advice()}")
         train_loss = total.item() / seen
         if train_loss > DIVERGED_LOSS:
+            self._check_received(first_loss, round_num)
             raise DivergenceError(f"client {self.client_id}, round {round_num}: training loss {train_loss:.3g} "
                                   f"(an untrained head gives 0.69): its weights ran away; {self._advice()}")
         if self.local_state:
             self.local_state = get_state(model, self.local_state)
         return ClientUpdate(state=state, num_examples=len(self.dataset), train_loss=train_loss)
+
+    def _check_received(self, first_loss: Optional[torch.Tensor], round_num: int) -> None:
+        """Blame the global model, not this client's training, when it was already diverged on arrival."""
+        if first_loss is not None and not float(first_loss) <= DIVERGED_LOSS:
+            raise DivergenceError(
+                f"client {self.client_id}, round {round_num}: the global model it received already has a loss "
+                f"of {float(first_loss):.3g} on its first batch, before any local step: the server's model is "
+                f"corrupt or poisoned (an update within the server's bounds?), not this client's training. "
+                f"Restart the server from a checkpoint before the bad round")
 
     def _advice(self) -> str:
         tips = f"lower lr (now {self.lr}; 1e-4 is usual for a pretrained layer4 with Adam)"

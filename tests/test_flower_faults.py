@@ -100,6 +100,9 @@ BAD_REPLIES = {
                           r"claims to be client 0, but node 11 answered the query as client 1"),
     "NaN loss": (_edit_metrics(train_loss=float("nan")), r"train_loss is nan"),
     "negative loss": (_edit_metrics(train_loss=-1.0), r"train_loss is -1.0"),
+    "runaway loss": (_edit_metrics(train_loss=1e200), r"train_loss is 1e\+200, expected a number from 0 to 100"),
+    "negative variance": (_edit_state(lambda s: s.update({"layer4.0.bn1.running_var": -s["layer4.0.bn1.running_var"]})),
+                          r"running_var' holds negative variances"),
     "extra metric": (_edit_metrics(secret=3), r"record 'metrics' holds .*'secret'"),
     "missing metric": (_edit_metrics(train_loss=None), r"record 'metrics' holds"),
     "extra record": (lambda sent: RecordDict({**train_reply(_trained(sent), 1), "config": ConfigRecord({"a": 1})}),
@@ -598,3 +601,57 @@ def test_a_killed_server_resumes_and_ends_as_the_uninterrupted_run(folders, tiny
     except BaseException:
         print(processes.logs())
         raise
+
+
+def test_a_query_claiming_more_examples_than_any_hospital_holds_is_refused():
+    # A claim of 2**64 - 1 examples made fedavg overflow and killed the server; 10**12 outweighed
+    # every honest site.
+    digest = "ab" * 32
+    for n in (2**31, 10**12, 2**64 - 1):
+        with pytest.raises(MessageError, match=r"client 1 \(node 11\): 'num-examples' is \d+, expected an "
+                                               r"integer >= 1 and <= 2,147,483,647"):
+            check_query_reply(query_reply(1, n, digest), 11, 2)
+    assert check_query_reply(query_reply(1, 2**31 - 1, digest), 11, 2).num_examples == 2**31 - 1
+
+
+def test_two_clients_with_the_same_data_cannot_start_a_run():
+    from fedxray.flower.records import QueryAnswer
+    from fedxray.flower.strategy import FedXrayAvg
+
+    class Grid:
+        def get_node_ids(self):
+            return [10, 11]
+    strategy = FedXrayAvg(Config(num_clients=2), list(_sent()))
+    strategy._query = lambda grid, nodes: {10: QueryAnswer(0, 30, "ab" * 32), 11: QueryAnswer(1, 30, "ab" * 32)}
+    with pytest.raises(ValueError, match=r"clients \[0, 1\] hold the same images and labels"):
+        strategy.connect(Grid())
+
+
+def test_a_poisoned_global_model_is_blamed_on_the_server_by_the_client(tiny_splits):
+    run = fedxray.federated.FederatedRun(Config(**TINY), tiny_splits["train"], tiny_splits["val"],
+                                         tiny_splits["test"], "unused")
+    poisoned = {**run.global_state, "fc.bias": torch.full((14,), -3e5)}   # finite, within the bounds
+    with pytest.raises(fedxray.DivergenceError, match="already has a loss of .* before any local step.*server's "
+                                                      "model is corrupt or poisoned"):
+        run.clients[0].fit(poisoned, round_num=2)
+
+
+def test_a_read_only_site_cache_names_the_node_config_key(tmp_path, monkeypatch):
+    from fedxray.flower import client_app
+    monkeypatch.setattr(client_app.os, "access", lambda path, mode: False)   # as a read-only data-dir
+    with pytest.raises(fedxray.DataError, match=r"\.fedxray_cache is not writable.*cache-dir="):
+        client_app._check_writable(tmp_path / "site" / ".fedxray_cache")
+
+
+def test_a_diverged_average_is_not_saved_and_not_blamed_on_the_lr_alone(tiny_splits, tmp_path):
+    from fedxray.flower.server_app import ServerRun
+    val = write_nih_folder(tiny_splits["val"], tmp_path / "val")
+    server = ServerRun(Config(**TINY), val, val, tmp_path / "out")
+    server.start({0: 10, 1: 10}, {0: "ab" * 32, 1: "cd" * 32})      # round 0 saved
+    state = dict(server.global_state)
+    weight = state["fc.weight"].clone()
+    weight[:, ::2], weight[:, 1::2] = 3e38, -3e38                    # finite, but inf - inf logits
+    with pytest.raises(fedxray.DivergenceError, match=r"round 1, the average .*poisoned within the checks' "
+                                                      r"bounds; nothing of round 1 was saved"):
+        server.evaluate_round(1, to_record({**state, "fc.weight": weight}))
+    assert fedxray.checkpoint.load_checkpoint(tmp_path / "out" / "checkpoint.pt")["round"] == 0

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -24,11 +26,12 @@ from ..cache import build_image_cache
 from ..checkpoint import image_list_digest
 from ..client import Client
 from ..config import Config
-from ..data import LABELS, NIHDataset, load_nih
+from ..data import LABELS, DataError, NIHDataset, load_nih
 from ..features import build_feature_cache
 from ..model import build_model
 from .records import check_train_message, check_trunk, query_reply, train_reply
-from .runconfig import NodeSettings, check_supported, config_from_run_config, log_to_flower, node_settings
+from .runconfig import (CACHE_DIR, NodeSettings, check_supported, config_from_run_config, log_to_flower,
+                        node_settings)
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +56,18 @@ def usable_frame(config: Config, node: NodeSettings):
     frame = load_nih(node.data_dir)
     if not (config.image_cache or config.feature_cache):
         return frame, None
+    _check_writable(node.cache_dir)
     cache = build_image_cache(frame, config.image_size, node.cache_dir, progress=False)
     return cache.usable(frame), cache
+
+
+def _check_writable(folder: Path) -> None:
+    """The site's cache folder (or its nearest existing parent) must be writable: a cache is built,
+    repaired and locked there."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise DataError(f"this site's cache folder {folder} is not writable ({existing} is read-only to this "
+                        f"process): give the SuperNode a writable one, --node-config '... {CACHE_DIR}=\"/path\"'")
 
 
 def load_site(config: Config, node: NodeSettings) -> Site:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor, nn
 
 from ..aggregation import fedavg
-from ..client import ClientUpdate
+from ..client import DIVERGED_LOSS, ClientUpdate
 from ..model import state_problems, trunk_digest
 
 # Record keys. "num-examples" is also what Flower's FedAvg weights by (its weighted_by_key).
@@ -38,6 +38,9 @@ IMAGE_LIST_DIGEST = "image-list-digest"   # fedxray.checkpoint.image_list_digest
 # average and crashing later in the metrics. It is a sanity bound, not a defence against a client
 # that poisons within it (that takes a robust aggregator).
 MAX_UPDATE_FACTOR = 1e6
+# More examples than any hospital holds (NIH has 112,120 images in all): a count this large is a
+# forged weight, and it keeps the example sum exact in float64.
+MAX_EXAMPLES = 2**31 - 1
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _SAME_VERSION = "run the same fedxray version (and bn-policy) on the server and every site"
 
@@ -82,6 +85,8 @@ def update_problems(state: Mapping[str, Tensor], sent: Mapping[str, Tensor], max
     problems = []
     for k, g in sent.items():
         u = state[k]
+        if k.endswith("running_var") and bool((u < 0).any()):
+            problems.append(f"{k!r} holds negative variances, which no BatchNorm computes")
         if g.is_floating_point():
             moved = float((u.double() - g.double()).abs().max()) if g.numel() else 0.0
             bound = MAX_UPDATE_FACTOR * (1.0 + (float(g.double().abs().max()) if g.numel() else 0.0))
@@ -113,9 +118,11 @@ def _keys(record: Mapping[str, Any], name: str, expected: set[str], who: str, re
                            f"{remedy}")
 
 
-def _int(value: Any, key: str, who: str, remedy: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise MessageError(f"{who}: {key!r} is {value!r}, expected an integer >= {minimum}; {remedy}")
+def _int(value: Any, key: str, who: str, remedy: str, minimum: int, maximum: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum \
+            or (maximum is not None and value > maximum):
+        upto = f" and <= {maximum:,}" if maximum is not None else ""
+        raise MessageError(f"{who}: {key!r} is {value!r}, expected an integer >= {minimum}{upto}; {remedy}")
     return value
 
 
@@ -152,7 +159,8 @@ def check_query_reply(content: RecordDict, node_id: int, num_clients: int) -> Qu
         raise MessageError(f"{who} says it is client {cid}, but num_clients={num_clients} (ids 0..{num_clients - 1}): "
                            f"fix its --node-config client-id, or the run's num-clients")
     who = f"client {cid} (node {node_id})"
-    n = _int(content[METRICS][NUM_EXAMPLES], NUM_EXAMPLES, who, "its data folder holds no usable image", 1)
+    n = _int(content[METRICS][NUM_EXAMPLES], NUM_EXAMPLES, who, "a count of usable images that its data folder "
+             "can hold", 1, MAX_EXAMPLES)
     digest = _digest(content[CONFIG][IMAGE_LIST_DIGEST], IMAGE_LIST_DIGEST, who, remedy)
     return QueryAnswer(cid, n, digest)
 
@@ -179,9 +187,10 @@ def check_train_reply(content: RecordDict, *, client_id: int, node_id: int, num_
                            f"examples at the start of the run; FedAvg weighs a client by what it holds. If the "
                            f"site's data folder changed, restart the run (a resume checks every image list)")
     loss = metrics[TRAIN_LOSS]
-    if not isinstance(loss, (int, float)) or not math.isfinite(loss) or loss < 0:
-        raise MessageError(f"{who}: its {TRAIN_LOSS} is {loss!r}, expected a finite number >= 0 (a mean "
-                           f"binary cross-entropy); its training diverged or its reply is corrupt")
+    if not isinstance(loss, (int, float)) or not math.isfinite(loss) or not 0 <= loss <= DIVERGED_LOSS:
+        raise MessageError(f"{who}: its {TRAIN_LOSS} is {loss!r}, expected a number from 0 to {DIVERGED_LOSS:g} "
+                           f"(a mean binary cross-entropy; fedxray's client stops above that); its training "
+                           f"diverged or its reply is corrupt")
     state = _state(content[ARRAYS], who, remedy)
     problems = state_problems(state, sent)
     if problems:

@@ -17,7 +17,7 @@ from ..cache import build_image_cache
 from ..checkpoint import (CHECKPOINT, CONFIG, FINAL_MODEL, HISTORY, HISTORY_COLUMNS, RUN_INFO, CheckpointError,
                           check_resume, clean_orphans, image_list_digest, load_checkpoint, save_checkpoint,
                           save_final_model)
-from ..client import ClientUpdate
+from ..client import ClientUpdate, DivergenceError
 from ..config import Config
 from ..data import LABELS, NIHDataset, load_nih
 from ..features import build_feature_cache
@@ -167,9 +167,16 @@ class ServerRun:
         self.global_state = {k: v.to(self.device) for k, v in to_state(arrays).items()}
         self.round = server_round
         rows, self.pending_rows = self.pending_rows, []
-        rows += self.evaluate("val")
-        if c.test_every_round or 0 < server_round == c.num_rounds:
-            rows += self.evaluate("test")
+        try:
+            rows += self.evaluate("val")
+            if c.test_every_round or 0 < server_round == c.num_rounds:
+                rows += self.evaluate("test")
+        except DivergenceError as e:
+            raise DivergenceError(
+                f"round {server_round}, the average of the replies that passed their checks: {e}. Either the "
+                f"clients' training diverged (see their logs and train losses) or a reply is poisoned within "
+                f"the checks' bounds; nothing of round {server_round} was saved, the checkpoint of round "
+                f"{server_round - 1} is kept") from None
         self.rows += rows
         self.save_checkpoint()
         summary = {f"{row['split']} {row['metric']}": round(row["value"], 4) for row in rows

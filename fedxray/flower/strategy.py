@@ -119,6 +119,14 @@ class FedXrayAvg(FedAvg):
                              f"(num_clients={k}): client ids used twice {twice}, missing {missing}, "
                              f"{len(nodes) - len(answers)} node(s) did not answer within round-timeout="
                              f"{self.faults.round_timeout:g} s. Fix each SuperNode's --node-config client-id.")
+        same = {}
+        for node, a in sorted(answers.items()):
+            same.setdefault(a.image_list_digest, []).append(a.client_id)
+        shared = [sorted(c) for c in same.values() if len(c) > 1]
+        if shared:   # one folder behind two client ids would count its patients twice
+            raise ValueError(f"the run cannot start: clients {shared[0]} hold the same images and labels (the "
+                             f"same data folder under two client-ids?); give each SuperNode its own hospital's "
+                             f"data-dir")
         self.node_of = {c: n[0] for c, n in sorted(ids.items())}
         self.client_examples = {c: answers[n].num_examples for c, n in self.node_of.items()}
         self.client_digests = {c: answers[n].image_list_digest for c, n in self.node_of.items()}
