@@ -216,7 +216,9 @@ class Client:
 
     def _check_received(self, first_loss: Optional[torch.Tensor], round_num: int) -> None:
         """Blame the global model, not this client's training, when it was already diverged on arrival."""
-        if first_loss is not None and not float(first_loss) <= DIVERGED_LOSS:
+        # A finite but huge loss before any step is the received weights' doing; a NaN there can
+        # also be fp16 overflow in this client's forward pass, so that keeps the usual advice.
+        if first_loss is not None and DIVERGED_LOSS < float(first_loss) < float("inf"):
             raise DivergenceError(
                 f"client {self.client_id}, round {round_num}: the global model it received already has a loss "
                 f"of {float(first_loss):.3g} on its first batch, before any local step: the server's model is "
