@@ -103,6 +103,9 @@ def _message(content, message_type, src=1, dst=2):
     return Message(content=content, metadata=meta)
 
 
+DIGEST = "ab" * 32   # an image-list digest, as a query answer carries it
+
+
 def _strategy(states, counts, **config):
     """A FedXrayAvg that sent states' shape of zeros to clients 0..n-1 on nodes 10, 11, ..."""
     from fedxray.flower.strategy import FedXrayAvg
@@ -110,6 +113,7 @@ def _strategy(states, counts, **config):
     strategy.chosen = list(range(len(counts)))
     strategy.node_of = {k: 10 + k for k in range(len(counts))}
     strategy.client_examples = dict(enumerate(counts))
+    strategy.client_digests = {k: DIGEST for k in range(len(counts))}
     strategy.sent = {k: torch.zeros_like(v) for k, v in states[0].items()}
     return strategy
 
@@ -124,7 +128,7 @@ def test_flower_aggregation_is_fedxray_fedavg():
 
     states = _random_states(3)
     counts = [5, 17, 2]
-    replies = [train_reply(ClientUpdate(s, n, 0.1 * (k + 1)), k) for k, (s, n) in enumerate(zip(states, counts))]
+    replies = [train_reply(ClientUpdate(s, n, 0.1 * (k + 1)), k, DIGEST) for k, (s, n) in enumerate(zip(states, counts))]
     order = (2, 0, 1)                                                      # arrival order is arbitrary
     messages = [_message(replies[i], "train", src=10 + i) for i in order]
     expected = fedxray.fedavg(states, counts)
@@ -180,7 +184,8 @@ def test_client_app_replies_with_exactly_the_exchanged_keys(tiny_splits, tmp_pat
                        "config": ConfigRecord({"server-round": 1, "trunk-digest": trunk_digest(model)})})
     reply = client_app.app(_message(sent, "train"), ctx)
     assert not reply.has_error()
-    assert set(reply.content.keys()) == {"arrays", "metrics"}
+    assert set(reply.content.keys()) == {"arrays", "metrics", "config"}
+    assert dict(reply.content["config"]) == {"image-list-digest": image_list_digest(fedxray.load_nih(dirs[1]))}
     assert list(reply.content["arrays"].keys()) == keys
     assert all(k.startswith(EXCHANGED_PREFIXES) for k in keys) and "conv1.weight" not in keys
     assert set(reply.content["metrics"].keys()) == {"num-examples", "train_loss", "client-id"}

@@ -49,8 +49,12 @@ def _trained(sent):
     return ClientUpdate(state, num_examples=40, train_loss=0.31)
 
 
+DIGEST = "ab" * 32   # the image-list digest client 1 reported at the query
+
+
 def _check(content, sent, **kw):
-    args = dict(client_id=1, node_id=11, num_examples=40, sent=sent, max_steps=5)   # 1 epoch, batch 8
+    args = dict(client_id=1, node_id=11, num_examples=40, image_digest=DIGEST, sent=sent,
+                max_steps=5)   # 1 epoch, batch 8
     return check_train_reply(content, **{**args, **kw})
 
 
@@ -59,13 +63,13 @@ def _edit_state(fn):
         u = _trained(sent)
         state = dict(u.state)
         fn(state)
-        return train_reply(ClientUpdate(state, u.num_examples, u.train_loss), 1)
+        return train_reply(ClientUpdate(state, u.num_examples, u.train_loss), 1, DIGEST)
     return make
 
 
 def _edit_metrics(**metrics):
     def make(sent):
-        content = train_reply(_trained(sent), 1)
+        content = train_reply(_trained(sent), 1, DIGEST)
         values = {**dict(content["metrics"]), **metrics}
         content["metrics"] = MetricRecord({k: v for k, v in values.items() if v is not None})
         return content
@@ -105,19 +109,24 @@ BAD_REPLIES = {
                           r"running_var' holds negative variances"),
     "extra metric": (_edit_metrics(secret=3), r"record 'metrics' holds .*'secret'"),
     "missing metric": (_edit_metrics(train_loss=None), r"record 'metrics' holds"),
-    "extra record": (lambda sent: RecordDict({**train_reply(_trained(sent), 1), "config": ConfigRecord({"a": 1})}),
-                     r"holds records \['arrays', 'config', 'metrics'\], expected \['arrays', 'metrics'\]"),
-    "no arrays": (lambda sent: RecordDict({"metrics": train_reply(_trained(sent), 1)["metrics"]}),
+    "extra record": (lambda sent: RecordDict({**train_reply(_trained(sent), 1, DIGEST), "more": ConfigRecord({"a": 1})}),
+                     r"holds records \['arrays', 'config', 'metrics', 'more'\], expected \['arrays', 'config', "
+                     r"'metrics'\]"),
+    "other data": (lambda sent: train_reply(_trained(sent), 1, "cd" * 32),
+                   r"trained on other images or labels than it reported at the start"),
+    "no digest": (lambda sent: RecordDict({k: v for k, v in train_reply(_trained(sent), 1, DIGEST).items()
+                                           if k != "config"}), r"holds records \['arrays', 'metrics'\]"),
+    "no arrays": (lambda sent: RecordDict({"metrics": train_reply(_trained(sent), 1, DIGEST)["metrics"]}),
                   r"holds records \['metrics'\]"),
-    "arrays as metrics": (lambda sent: RecordDict({"arrays": MetricRecord({"a": 1}),
-                                                   "metrics": train_reply(_trained(sent), 1)["metrics"]}),
+    "arrays as metrics": (lambda sent: RecordDict({**train_reply(_trained(sent), 1, DIGEST),
+                                                   "arrays": MetricRecord({"a": 1})}),
                           r"record 'arrays' is a MetricRecord, expected a ArrayRecord"),
 }
 
 
 def test_a_valid_reply_is_accepted_as_sent():
     sent = _sent()
-    update = _check(train_reply(_trained(sent), 1), sent)
+    update = _check(train_reply(_trained(sent), 1, DIGEST), sent)
     want = _trained(sent)
     assert (update.num_examples, update.train_loss) == (40, pytest.approx(0.31))
     for k, v in want.state.items():
@@ -172,10 +181,11 @@ def test_each_way_a_client_fails_is_told_apart_and_the_rest_is_averaged(caplog):
     strategy = FedXrayAvg(Config(num_clients=4, batch_size=8), list(sent), FaultPolicy(min_replies=1))
     strategy.node_of = {0: 10, 1: 11, 2: 12, 3: 13}
     strategy.client_examples = {k: 40 for k in range(4)}
+    strategy.client_digests = {k: DIGEST for k in range(4)}
     strategy.chosen, strategy.sent, strategy.asked = [0, 1, 2, 3], sent, {"m1": 1}
     got = []
     strategy.on_train = lambda r, ids, updates, dropped: got.append((ids, [(d.client_id, d.why) for d in dropped]))
-    valid = train_reply(_trained(sent), 0)
+    valid = train_reply(_trained(sent), 0, DIGEST)
     replies = [_reply(valid, 10),
                _reply(Error(ErrorCode.NODE_UNAVAILABLE, "Node Unavailable"), SUPERLINK_NODE_ID, reply_to="m1"),
                _reply(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "<class 'OSError'>:<'disk full'>"), 12),

@@ -126,4 +126,4 @@ def train(msg: Message, context: Context) -> Message:
     log.info("client %d, round %d: %d examples, train loss %.4f; fit %.2f s after %.2f s of setup (model, data%s)",
              node.client_id, sent.server_round, update.num_examples, update.train_loss,
              time.perf_counter() - start, setup, ", caches" if config.image_cache or config.feature_cache else "")
-    return Message(train_reply(update, node.client_id), reply_to=msg)
+    return Message(train_reply(update, node.client_id, site.digest), reply_to=msg)

@@ -60,12 +60,14 @@ def to_state(record: ArrayRecord) -> dict[str, Tensor]:
     return dict(record.to_torch_state_dict())
 
 
-def train_reply(update: ClientUpdate, client_id: int) -> RecordDict:
-    """The content of a client's train reply: its exchanged state and three numbers, nothing else."""
+def train_reply(update: ClientUpdate, client_id: int, image_digest: str) -> RecordDict:
+    """The content of a client's train reply: its exchanged state, three numbers and the digest of
+    the image list it trained on (so a site whose data changed is caught whatever its node id)."""
     return RecordDict({
         ARRAYS: to_record(update.state),
         METRICS: MetricRecord({NUM_EXAMPLES: int(update.num_examples),
                                TRAIN_LOSS: float(update.train_loss), CLIENT_ID: int(client_id)}),
+        CONFIG: ConfigRecord({IMAGE_LIST_DIGEST: str(image_digest)}),
     })
 
 
@@ -166,14 +168,20 @@ def check_query_reply(content: RecordDict, node_id: int, num_clients: int) -> Qu
 
 
 def check_train_reply(content: RecordDict, *, client_id: int, node_id: int, num_examples: int,
-                      sent: Mapping[str, Tensor], max_steps: int) -> ClientUpdate:
+                      image_digest: str, sent: Mapping[str, Tensor], max_steps: int) -> ClientUpdate:
     """The ClientUpdate of a train reply from the node that holds client_id, after checking it:
     exactly the records and metrics of train_reply; the client id the node answered at the query;
-    the example count it reported then; a finite, non-negative loss; the keys, shapes and dtypes
+    the example count and image-list digest it reported then; a loss from 0 to DIVERGED_LOSS; the keys, shapes and dtypes
     of the state sent, finite values, and an update within the bounds of update_problems."""
     who = f"client {client_id} (node {node_id})"
     remedy = _SAME_VERSION
-    _records(content, {ARRAYS: ArrayRecord, METRICS: MetricRecord}, who, remedy)
+    _records(content, {ARRAYS: ArrayRecord, METRICS: MetricRecord, CONFIG: ConfigRecord}, who, remedy)
+    _keys(content[CONFIG], CONFIG, {IMAGE_LIST_DIGEST}, who, remedy)
+    if content[CONFIG][IMAGE_LIST_DIGEST] != image_digest:
+        raise MessageError(f"{who}: it trained on other images or labels than it reported at the start of the "
+                           f"run (image-list digest {str(content[CONFIG][IMAGE_LIST_DIGEST])[:12]} vs "
+                           f"{image_digest[:12]}): a site's data may not change during a run; restore its folder, "
+                           f"or start a new run in another output-dir")
     metrics = content[METRICS]
     _keys(metrics, METRICS, {NUM_EXAMPLES, TRAIN_LOSS, CLIENT_ID}, who, remedy)
     claimed = metrics[CLIENT_ID]

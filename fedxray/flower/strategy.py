@@ -239,7 +239,8 @@ class FedXrayAvg(FedAvg):
                 try:
                     accepted[k] = check_train_reply(
                         m.content, client_id=k, node_id=m.metadata.src_node_id,
-                        num_examples=self.client_examples[k], sent=self.sent,
+                        num_examples=self.client_examples[k], image_digest=self.client_digests[k],
+                        sent=self.sent,
                         max_steps=c.local_epochs * math.ceil(self.client_examples[k] / c.batch_size))
                 except MessageError as e:
                     dropped[k] = Dropped(k, node, "refused", str(e))
