@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .data import LABELS, DataError, ImageDecodeError, label_matrix, load_gray
-from .io import LockedError, atomic_write, atomic_write_text, file_lock, orphan_temporaries
+from .io import LockedError, atomic_write, atomic_write_text, file_lock, remove_orphan_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -477,8 +477,7 @@ def _update(directory: Path, exact: bool, names: list[str], paths: list[str], si
     """Under the folder's lock: bring the cache in directory up to date for the images (names,
     paths), decoding only the rows that are missing, changed or damaged. None when directory is a
     larger cache whose index vanished meanwhile (the caller then builds the exact folder)."""
-    for tmp in orphan_temporaries(directory, INDEX) + orphan_temporaries(directory, PROGRESS):
-        tmp.unlink(missing_ok=True)   # left by a killed process; we hold the lock, no one writes them
+    remove_orphan_temporaries(directory, INDEX, PROGRESS)   # a killed process's; we hold the lock
     cache = None
     if (directory / INDEX).is_file():
         try:

@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import Config
 from .data import LABELS
-from .io import atomic_write, orphan_temporaries
+from .io import atomic_write, remove_orphan_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,26 @@ def _feed(h, obj: Any) -> None:
         raise TypeError(f"cannot checksum a {type(obj).__name__}: keep checkpoints to tensors and plain values")
 
 
+def seal(payload: dict) -> dict:
+    """payload with a "checksum" entry: the SHA-256 of everything else in it."""
+    return {**payload, "checksum": payload_digest(payload)}
+
+
+def seal_problem(payload: dict) -> Optional[str]:
+    """Why a sealed payload (see seal) cannot be trusted, as a predicate for its file's name
+    ("fails its checksum ..."), or None when its checksum holds."""
+    body = {k: v for k, v in payload.items() if k != "checksum"}
+    try:
+        actual = payload_digest(body)
+    except TypeError as e:
+        return f"holds unexpected content ({e})"
+    stored = payload.get("checksum")
+    if stored != actual:
+        return (f"fails its checksum (stored {str(stored)[:12]}, computed {actual[:12]}): the file was damaged "
+                f"or edited after fedxray wrote it")
+    return None
+
+
 # --------------------------------------------------------------------------- writing
 
 def save_checkpoint(output_dir: str | os.PathLike, round_num: int, global_state: Mapping[str, torch.Tensor],
@@ -108,25 +128,22 @@ def save_checkpoint(output_dir: str | os.PathLike, round_num: int, global_state:
                 "numpy_key": torch.from_numpy(np.asarray(key, np.int64)), "numpy_pos": int(pos),
                 "numpy_has_gauss": int(has_gauss), "numpy_gauss": float(gauss)},
     }
-    ckpt["checksum"] = payload_digest(ckpt)
+    ckpt = seal(ckpt)
     atomic_write(output_dir / CHECKPOINT, lambda tmp: torch.save(ckpt, tmp))
 
 
 def save_final_model(output_dir: str | os.PathLike, model: nn.Module, config: Config, info: dict) -> None:
     """final_model.pt: the whole state dict with the labels, config, run info and a checksum; a
     weights file for fedxray.build_model(weights=path)."""
-    payload = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-               "labels": list(LABELS), "config": config.to_dict(), "info": info}
-    payload["checksum"] = payload_digest(payload)
+    payload = seal({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "labels": list(LABELS), "config": config.to_dict(), "info": info})
     atomic_write(Path(output_dir) / FINAL_MODEL, lambda tmp: torch.save(payload, tmp))
 
 
 def clean_orphans(output_dir: str | os.PathLike) -> list[Path]:
     """Delete the temporary files a killed process left while writing this folder's run files.
     Call it only while holding the folder's run lock (no other process is writing there)."""
-    removed = [p for name in RUN_FILES for p in orphan_temporaries(output_dir, name)]
-    for p in removed:
-        p.unlink(missing_ok=True)
+    removed = remove_orphan_temporaries(output_dir, *RUN_FILES)
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted write in %s", len(removed), output_dir)
     return removed
@@ -177,14 +194,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         found = ckpt.get("format", "none") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path} is not a fedxray checkpoint of format {FORMAT} (found format "
                               f"{found}): {remedy}")
-    stored = ckpt.pop("checksum")
-    try:
-        actual = payload_digest(ckpt)
-    except TypeError as e:
-        raise CheckpointError(f"{path} holds unexpected content ({e}): {remedy}") from None
-    if stored != actual:
-        raise CheckpointError(f"{path} fails its checksum (stored {str(stored)[:12]}, computed "
-                              f"{actual[:12]}): the file was damaged or edited after it was written; {remedy}")
+    problem = seal_problem(ckpt)
+    if problem:
+        raise CheckpointError(f"{path} {problem}; {remedy}")
+    del ckpt["checksum"]
     try:
         out = {**ckpt, "history": json.loads(ckpt["history"]), "config": json.loads(ckpt["config"]),
                "info": json.loads(ckpt["info"])}

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from .cache import CACHE_VERSION, CachedImageDataset, _crc32, _crc_rows, _digest, _exclusive, _first, _rows
 from .client import autocast, to_input
 from .data import LABELS, DataError, label_matrix
-from .io import atomic_write, atomic_write_text, orphan_temporaries
+from .io import atomic_write, atomic_write_text, remove_orphan_temporaries
 from .model import trunk_digest
 
 log = logging.getLogger(__name__)
@@ -202,8 +202,7 @@ def _write_features(path: Path, expect: dict, np_dtype: type,
     the next build (which holds the lock, so no one else is writing it)."""
     meta = path.with_suffix(".json")
     meta.unlink(missing_ok=True)      # the old file, if any, is no longer vouched for
-    for tmp in orphan_temporaries(path.parent, path.name) + orphan_temporaries(path.parent, meta.name):
-        tmp.unlink(missing_ok=True)
+    remove_orphan_temporaries(path.parent, path.name, meta.name)
     crc: list[int] = []
 
     def write(tmp: str) -> None:

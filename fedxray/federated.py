@@ -18,9 +18,8 @@ from torch import nn
 from .aggregation import fedavg, state_nbytes
 from .cache import build_image_cache
 from .checkpoint import (CHECKPOINT, CONFIG, FINAL_MODEL, HISTORY, HISTORY_COLUMNS, RUN_INFO, CheckpointError,
-                         check_resume,
-                         clean_orphans, image_list_digest, load_checkpoint, restore_rng, save_checkpoint,
-                         save_final_model)
+                         check_resume, clean_orphans, image_list_digest, load_checkpoint, restore_rng,
+                         save_checkpoint, save_final_model)
 from .client import Client, ClientUpdate, DivergenceError, autocast, batches, derive_seed, is_feature_data, to_input
 from .config import Config
 from .data import LABELS, NIHDataset

@@ -45,6 +45,15 @@ def orphan_temporaries(folder: str | os.PathLike, name: str) -> list[Path]:
     return sorted(Path(folder).glob(f".{name}.*.tmp"))
 
 
+def remove_orphan_temporaries(folder: str | os.PathLike, *names: str) -> list[Path]:
+    """Delete the orphan_temporaries of folder/name for each name; returns them. Call it only while
+    holding the folder's lock, so that no live process is writing them."""
+    removed = [p for name in names for p in orphan_temporaries(folder, name)]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
+
+
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike, *, wait: bool = True, timeout: Optional[float] = None,
               purpose: str = "") -> Iterator[Path]:

@@ -196,22 +196,17 @@ def _imagenet_state() -> dict[str, torch.Tensor]:
 def _file_state(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist (from weights= or {WEIGHTS_ENV})")
-    from .checkpoint import check_safe_torch
+    from .checkpoint import check_safe_torch   # checkpoint imports config and data, not model
     check_safe_torch(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise RuntimeError(f"cannot read weights file {path}: {e}") from e
     if isinstance(obj, dict) and "checksum" in obj:   # written by fedxray: verify before use
-        from .checkpoint import payload_digest
-        body = {k: v for k, v in obj.items() if k != "checksum"}
-        try:
-            intact = payload_digest(body) == obj["checksum"]
-        except TypeError:
-            intact = False
-        if not intact:
-            raise RuntimeError(f"weights file {path} fails its checksum: it was damaged or edited after "
-                               f"fedxray wrote it; use an intact copy")
+        from .checkpoint import seal_problem
+        problem = seal_problem(obj)
+        if problem:
+            raise RuntimeError(f"weights file {path} {problem}; use an intact copy")
     for key in ("model", "state_dict", "global_state"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
