@@ -141,13 +141,10 @@ def _exclusive(lock: Path, purpose: str) -> Iterator[None]:
         except LockedError as e:
             log.warning("waiting: %s", e)
             stack.enter_context(file_lock(lock, purpose=purpose))
-        except PermissionError as e:   # also EROFS: a read-only cache folder that needs writing
-            raise DataError(f"cannot write to {lock.parent} for {purpose} ({e.strerror}): the cache must be "
-                            f"built or repaired there. Give a writable cache_dir (or set {CACHE_ENV})") from e
-        except OSError as e:
-            if e.errno != errno.EROFS:
+        except OSError as e:   # a read-only cache folder that needs writing
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
-            raise DataError(f"cannot write to {lock.parent} for {purpose} (read-only file system): the cache "
+            raise DataError(f"cannot write to {lock.parent} for {purpose} ({e.strerror.lower()}): the cache "
                             f"must be built or repaired there. Give a writable cache_dir (or set {CACHE_ENV})") from e
         yield
 
