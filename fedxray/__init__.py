@@ -1,4 +1,5 @@
-"""fedxray: federated learning (FedAvg) for NIH ChestX-ray14 with a partly frozen ResNet-34."""
+"""fedxray: federated learning (FedAvg, FedProx, FedAdam, SCAFFOLD, ...) for NIH ChestX-ray14 with a
+partly frozen ResNet-34."""
 from .data import (LABELS, DataError, ImageDecodeError, NIHDataset, attach_paths, find_csv,
                    index_images, label_matrix, load_gray, load_nih, read_metadata, split_by_patient)
 from .aggregation import fedavg, state_nbytes
@@ -6,9 +7,12 @@ from .demo import is_demo_dataset, make_demo_dataset
 from .metrics import auroc_per_finding, mean_auroc
 from .partition import client_finding_table, label_skew, partition
 from .model import EXCHANGED_PREFIXES, build_model
-from .client import Client, ClientUpdate, DivergenceError, NonFiniteLossError
+from .device import DivergenceError
+from .client import Client, ClientUpdate, NonFiniteLossError
+from .strategies import STRATEGIES, Strategy, make_strategy
 from .config import Config
 from .checkpoint import CheckpointError
+from .parts import RunParts, prepare
 from .federated import RunResult, run_centralized, run_federated, run_local_only
 
 __version__ = "0.1.0"
@@ -18,6 +22,7 @@ __all__ = [
     "label_matrix", "load_gray", "load_nih", "read_metadata", "split_by_patient",
     "fedavg", "state_nbytes", "is_demo_dataset", "make_demo_dataset", "auroc_per_finding", "mean_auroc",
     "client_finding_table", "label_skew", "partition", "EXCHANGED_PREFIXES", "build_model",
-    "Client", "ClientUpdate", "DivergenceError", "NonFiniteLossError", "CheckpointError", "Config", "RunResult", "run_centralized",
-    "run_federated", "run_local_only",
+    "Client", "ClientUpdate", "DivergenceError", "NonFiniteLossError", "STRATEGIES", "Strategy", "make_strategy",
+    "CheckpointError", "Config", "RunParts", "prepare", "RunResult", "run_centralized", "run_federated",
+    "run_local_only",
 ]

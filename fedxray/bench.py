@@ -38,6 +38,8 @@ from .config import Config
 from .features import build_feature_cache
 from .data import IMAGENET_MEAN, IMAGENET_STD, LABELS, label_matrix, load_gray, load_nih
 from .federated import FederatedRun
+from .history import select
+from .parts import prepare
 from .model import build_model, exchanged_keys, get_state
 
 NIH_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "nih-sample"
@@ -346,18 +348,18 @@ def federated_run(plan: Plan, device: torch.device, workdir: Path, log: Callable
                     cache_dir=str(workdir / "cache"), progress=False, device=str(device), seed=0)
     _reset_gpu_peak(device)
     t = time.perf_counter()
-    fed = FederatedRun(config, train, train.iloc[:0], test, workdir / "run")
+    fed = FederatedRun(prepare(config, {"train": train, "val": train.iloc[:0], "test": test}), workdir / "run")
     setup_s = time.perf_counter() - t
     t = time.perf_counter()
     res = fed.run(resume=False, progress=False)
     run_s = time.perf_counter() - t
     h = res.history
-    auroc = h[(h.split == "test") & (h.metric == "mean_auroc") & (h.client == "global")]
+    auroc = select(h, "test", "mean_auroc")
     out = {"train_images": len(train), "test_images": len(test), "clients": plan.fed_clients,
            "rounds": plan.fed_rounds, "batch_size": plan.fed_batch, "image_cache_write_s": write_s,
            "setup_s_with_feature_cache": setup_s, "setup_ms_per_image": 1e3 * setup_s / (len(train) + len(test)),
-           "feature_cache": fed.feature_cache.placement,
-           "feature_cache_bytes": fed.feature_cache.nbytes, "rounds_s": run_s,
+           "feature_cache": fed.parts.source.feature_cache.placement,
+           "feature_cache_bytes": fed.parts.source.feature_cache.nbytes, "rounds_s": run_s,
            "total_s_once_image_cache_exists": setup_s + run_s,
            "test_mean_auroc_by_round": [round(v, 4) for v in auroc["value"]],
            "gpu_peak_bytes": _gpu_peak(device)}

@@ -23,6 +23,7 @@ from torch import nn
 
 from .config import Config
 from .data import LABELS
+from .history import frame as history_frame
 from .io import atomic_write, remove_orphan_temporaries
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,6 @@ CONFIG = "config.json"
 RUN_INFO = "run_info.json"
 FINAL_MODEL = "final_model.pt"
 RUN_FILES = (CHECKPOINT, HISTORY, CONFIG, RUN_INFO, FINAL_MODEL)
-HISTORY_COLUMNS = ["round", "split", "client", "metric", "value"]
 FORMAT = 2   # 1: the first release's pickled checkpoints (weights_only=False), no longer read
 _FIELDS = ("format", "round", "global_state", "local_states", "history", "config", "info", "inputs",
            "extra", "rng", "checksum")
@@ -115,7 +115,7 @@ def save_checkpoint(output_dir: str | os.PathLike, round_num: int, global_state:
     plain values only), returned as is by load_checkpoint.
     """
     output_dir = Path(output_dir)
-    hist = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
+    hist = history_frame(rows)
     atomic_write(output_dir / HISTORY, lambda tmp: hist.to_csv(tmp, index=False))
     seed_name, key, pos, has_gauss, gauss = np.random.get_state()
     ckpt = {

@@ -1,27 +1,23 @@
 """A federated client: one hospital's data, trained locally on layer4 + fc from the global weights."""
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from .data import DataError, normalize_gray
-from .model import bn_keys, exchanged_keys, get_state, trainable_parameters
+from .data import DataError
+from .device import DivergenceError, autocast, batches, forward_of, is_feature_data, place_model, to_input
+from .model import bn_keys, exchanged_keys, get_state
+from .objectives import Objective
 
 
 # A mean BCE per finding this high means confidently wrong logits of about +-100 on average: no
 # model that is learning gets near it (an untrained head gives 0.69), only one whose weights ran away.
 DIVERGED_LOSS = 100.0
-
-
-class DivergenceError(FloatingPointError):
-    """Training diverged (non-finite or runaway loss, weights or predictions); the run stops before
-    aggregating and keeps its last good checkpoint."""
 
 
 class NonFiniteLossError(DivergenceError):
@@ -37,7 +33,11 @@ def non_finite_entries(state: Mapping[str, torch.Tensor]) -> list[str]:
 class ClientUpdate:
     state: dict[str, torch.Tensor]   # copies of the exchanged entries, on the CPU
     num_examples: int                # examples held by the client (FedAvg's weight)
-    train_loss: float                # training loss averaged over every example seen
+    train_loss: float                # data loss (BCE) averaged over every example seen
+    client_id: Optional[int] = None  # who sent it (SCAFFOLD keeps one control variate per client)
+    # What the client's objective sends besides its state (SCAFFOLD: its new control variate,
+    # keyed by parameter name); empty for most strategies.
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def derive_seed(*parts: int) -> int:
@@ -45,51 +45,8 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-
-def is_feature_data(dataset) -> bool:
-    """True for precomputed trunk features (fedxray.features.FeatureDataset): only model.head runs."""
-    return bool(getattr(dataset, "is_features", False))
-
-
-class FeatureBatches:
-    """Batches of cached features gathered by index where they live (no per-item DataLoader), in
-    the order `order`, a DataLoader over range(n): the same draws as for an image dataset."""
-
-    def __init__(self, dataset, order: DataLoader):
-        self.dataset, self.order = dataset, order
-
-    def __iter__(self):
-        for idx in self.order:
-            yield self.dataset.batch(idx)
-
-
-def batches(dataset, batch_size: int, device: torch.device, *, shuffle: bool = False,
-            generator: Optional[torch.Generator] = None, num_workers: int = 0):
-    """Re-iterable (x, y) batches of a dataset; with shuffle, the order is drawn from generator."""
-    if is_feature_data(dataset):
-        return FeatureBatches(dataset, DataLoader(range(len(dataset)), batch_size=batch_size,
-                                                  shuffle=shuffle, generator=generator))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=False)
-
-
-def to_input(x: torch.Tensor, device: torch.device, amp_dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """A batch on the device, ready for the model. uint8 images (the image cache) are normalised
-    and expanded to 3 channels there; cached fp16 features run in fp32 when there is no autocast;
-    channels_last on CUDA."""
-    x = x.to(device, non_blocking=True)
-    if x.dtype == torch.uint8:
-        x = normalize_gray(x)
-    elif amp_dtype is None and x.dtype != torch.float32:
-        x = x.float()
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
+# The local optimizers, by Config.optimizer name.
+OPTIMIZERS = ("adam", "sgd")
 
 
 def make_optimizer(params, name: str, lr: float, momentum: float = 0.9,
@@ -98,7 +55,7 @@ def make_optimizer(params, name: str, lr: float, momentum: float = 0.9,
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise ValueError(f"optimizer must be 'adam' or 'sgd', got {name!r}")
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
 class Client:
@@ -114,7 +71,7 @@ class Client:
                  batch_size: int = 32, lr: float = 1e-3, optimizer: str = "adam", momentum: float = 0.9,
                  weight_decay: float = 0.0, seed: int = 0, bn_policy: str = "average",
                  device: torch.device | str = "cpu", amp_dtype: Optional[torch.dtype] = None,
-                 num_workers: int = 0):
+                 num_workers: int = 0, objective: Optional[Objective] = None):
         if len(dataset) == 0:
             raise ValueError(f"client {client_id} has no training examples")
         self.client_id = int(client_id)
@@ -128,21 +85,29 @@ class Client:
         self.device = torch.device(device)
         self.amp_dtype = amp_dtype
         self.num_workers = num_workers
+        self.objective = objective if objective is not None else Objective()   # plain BCE
         self.keys = exchanged_keys(model, bn_policy)
         # FedBN: this client's own layer4 BatchNorm state, starting from the model's initial one.
         self.local_state = get_state(model, bn_keys(model)) if bn_policy == "local" else {}
 
     @classmethod
-    def from_config(cls, client_id: int, dataset: Dataset, model: nn.Module, config,
-                    device: torch.device) -> "Client":
-        """A Client with the local-training fields of a fedxray.Config."""
+    def from_config(cls, client_id: int, dataset: Dataset, model: nn.Module, config, device: torch.device,
+                    objective: Optional[Objective] = None) -> "Client":
+        """A Client with the local-training fields of a fedxray.Config and its strategy's objective."""
         c = config
         return cls(client_id, dataset, model, local_epochs=c.local_epochs, batch_size=c.batch_size, lr=c.lr,
                    optimizer=c.optimizer, momentum=c.momentum, weight_decay=c.weight_decay, seed=c.seed,
                    bn_policy=c.bn_policy, device=device, amp_dtype=c.resolve_amp(device),
-                   num_workers=c.num_workers)
+                   num_workers=c.num_workers, objective=objective)
 
-    def fit(self, global_state: Mapping[str, torch.Tensor], round_num: int = 1) -> ClientUpdate:
+    def fit(self, global_state: Mapping[str, torch.Tensor], round_num: int,
+            payload: Optional[Mapping[str, torch.Tensor]] = None) -> ClientUpdate:
+        """Train from global_state in round round_num (which seeds this round's shuffle: required, so
+        that two rounds never silently reuse one order); payload: the strategy's extra tensors for
+        this client (SCAFFOLD's correction)."""
+        if isinstance(round_num, bool) or not isinstance(round_num, int) or round_num < 1:
+            raise ValueError(f"client {self.client_id}: round_num must be the round number (an integer >= 1), "
+                             f"got {round_num!r}; it seeds the round's shuffle")
         missing = sorted(set(self.keys) - set(global_state))
         extra = sorted(set(global_state) - set(self.keys))
         if missing or extra:
@@ -153,13 +118,15 @@ class Client:
             raise ValueError(f"client {self.client_id}, round {round_num}: the global state it received has "
                              f"non-finite values in {len(bad)} entries (first {bad[0]!r}): the server's model is "
                              f"corrupt, not this client's training; nothing was trained")
-        model = self.model.to(self.device)
-        if self.device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
+        model = place_model(self.model, self.device)
         model.load_state_dict({**global_state, **self.local_state}, strict=False)
         model.train()   # the trunk's FrozenBatchNorm2d cannot drift; layer4's BN learns
-        params = trainable_parameters(model)
-        forward = model.head if is_feature_data(self.dataset) else model   # cached features: layer4+fc
+        params = [p for p in model.parameters() if p.requires_grad]
+        # The objective's terms act on the trainable parameters that travel (FedBN's local BN stays out).
+        shared = {name: p for name, p in model.named_parameters() if p.requires_grad and name in global_state}
+        anchor = {name: global_state[name].detach().to(self.device) for name in shared}
+        payload = {k: v.detach().to(self.device) for k, v in (payload or {}).items()}
+        forward = forward_of(model, self.dataset)   # cached features: layer4+fc only
         opt = make_optimizer(params, self.optimizer, self.lr, self.momentum, self.weight_decay)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         loss_fn = nn.BCEWithLogitsLoss()
@@ -172,7 +139,7 @@ class Client:
         bad_inputs = torch.zeros((), dtype=torch.bool, device=self.device)
         check_inputs = is_feature_data(self.dataset)
         first_loss = None   # of the received weights, before any local step: tells whose fault a divergence is
-        seen = 0
+        seen = steps = 0
         for epoch in range(self.local_epochs):
             for x, y in loader:
                 x = to_input(x, self.device, self.amp_dtype)
@@ -180,15 +147,18 @@ class Client:
                 if check_inputs:   # cached features are read back from disk: they can be damaged
                     bad_inputs |= ~torch.isfinite(x).all()
                 with autocast(self.device, self.amp_dtype):
-                    loss = loss_fn(forward(x).float(), y)
+                    loss = loss_fn(forward(x).float(), y)   # the data loss, what train_loss reports
                 if first_loss is None:
                     first_loss = loss.detach()
+                penalty = self.objective.penalty(shared, anchor, payload)   # fp32, outside autocast
+                objective = loss if penalty is None else loss + penalty
                 opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                scaler.scale(objective).backward()
                 scaler.step(opt)
                 scaler.update()
                 total += loss.detach().double() * len(y)   # mean loss of the batch, weighted by its size
                 seen += len(y)
+                steps += 1
             if bool(bad_inputs):
                 where = getattr(getattr(self.dataset, "cache", None), "path", None) or "the dataset"
                 raise DataError(f"client {self.client_id}, round {round_num}: its input batches hold NaN or "
@@ -212,7 +182,11 @@ class Client:
                                   f"(an untrained head gives 0.69): its weights ran away; {self._advice()}")
         if self.local_state:
             self.local_state = get_state(model, self.local_state)
-        return ClientUpdate(state=state, num_examples=len(self.dataset), train_loss=train_loss)
+        with torch.no_grad():
+            sent_back = self.objective.reply(shared, anchor, payload, steps, self.lr)
+        return ClientUpdate(state=state, num_examples=len(self.dataset), train_loss=train_loss,
+                            client_id=self.client_id,
+                            extra={k: v.detach().to("cpu", copy=True) for k, v in sent_back.items()})
 
     def _check_received(self, first_loss: Optional[torch.Tensor], round_num: int) -> None:
         """Blame the global model, not this client's training, when it was already diverged on arrival."""

@@ -9,13 +9,21 @@ from typing import Any, Optional
 
 import torch
 
-OPTIMIZERS = ("adam", "sgd")
-AMP_MODES = ("auto", "bf16", "fp16", "off")
-BN_POLICIES = ("average", "local")
-PARTITIONS = ("iid", "dirichlet", "column", "quantity")
+# Each set of allowed values lives with the code that implements it; Config checks against them.
+from .client import OPTIMIZERS
+from .device import AMP_MODES
+from .features import FEATURE_DTYPES as _FEATURE_DTYPES
+from .model import BN_POLICIES
+from .partition import SCHEMES as PARTITIONS
+from .strategies import STRATEGIES, make_strategy
+
+FEATURE_DTYPES = tuple(str(t).removeprefix("torch.") for t in _FEATURE_DTYPES)
 # Fields that change how a run executes but not what it computes: a resume may differ in them.
 RUNTIME_FIELDS = ("device", "num_workers", "progress", "image_cache", "cache_dir", "preload")
-FEATURE_DTYPES = ("float16", "float32")
+# The strategies' hyperparameters, named as Flower 1.42's flwr.serverapp.strategy names them.
+# None = the strategy's default (fedxray.strategies: Flower's, where that is not plain FedAvg).
+STRATEGY_FIELDS = ("proximal_mu", "server_learning_rate", "server_momentum", "eta", "beta_1", "beta_2",
+                   "tau", "beta")
 
 # The notebook's None parameters resolve to these, by dataset. NIH: 224 px is what the ImageNet
 # weights saw; PNGs decoded once into the image cache; test AUROC only after the last round
@@ -49,6 +57,18 @@ class Config:
     partition_column: Optional[str] = None   # for partition="column"; None = "view"
     max_images: Optional[int] = None   # cap on training images (whole patients), for quick runs
     preload: bool = False              # decode every image once into memory (small data only)
+    # Strategy: how the server combines updates and what clients minimise (fedxray.strategies;
+    # README "Strategies"). Hyperparameters a strategy does not use must stay None.
+    strategy: str = "fedavg"           # fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, median,
+                                       # trimmed_mean, scaffold
+    proximal_mu: Optional[float] = None           # fedprox: weight of (mu/2)*||w - w_global||^2 (0.01)
+    server_learning_rate: Optional[float] = None  # fedavgm (0.1), scaffold (1.0): server step size
+    server_momentum: Optional[float] = None       # fedavgm: server momentum (0.9)
+    eta: Optional[float] = None        # fedadam, fedyogi, fedadagrad: server learning rate (0.01)
+    beta_1: Optional[float] = None     # fedadam, fedyogi: first-moment decay (0.9)
+    beta_2: Optional[float] = None     # fedadam, fedyogi: second-moment decay (0.99)
+    tau: Optional[float] = None        # fedadam, fedyogi, fedadagrad: adaptivity (1e-3)
+    beta: Optional[float] = None       # trimmed_mean: fraction cut at each end (0.2)
     # Model
     weights: Optional[str] = "auto"    # "auto", "imagenet", a .pth path, or None (random)
     bn_policy: str = "average"         # layer4 BatchNorm: "average" with the weights, or "local" (FedBN)
@@ -86,8 +106,37 @@ class Config:
              f"feature_dtype must be one of {FEATURE_DTYPES}, got {self.feature_dtype!r}")
         need(self.partition in PARTITIONS, f"partition must be one of {PARTITIONS}, got {self.partition!r}")
         need(self.max_images is None or self.max_images >= 1, "max_images must be >= 1 or None")
+        need(self.strategy in STRATEGIES, f"strategy must be one of {tuple(STRATEGIES)}, got {self.strategy!r}")
+        cls = STRATEGIES[self.strategy]
+        unused = [f"{k}={getattr(self, k)!r}" for k in STRATEGY_FIELDS
+                  if getattr(self, k) is not None and k not in cls.defaults]
+        need(not unused, f"{', '.join(unused)} set, but strategy {self.strategy!r} does not use it (its "
+             f"hyperparameters: {sorted(cls.defaults) or 'none'}); leave it None, or build the config with "
+             f"Config.with_strategy, which keeps only the strategy's own")
+        try:
+            make_strategy(self.strategy, num_clients=self.num_clients, **self.strategy_hyperparameters())
+        except ValueError as e:
+            need(False, str(e))
+        problems = cls.config_problems(self)
+        need(not problems, f"strategy {self.strategy!r} cannot run with " + "; ".join(problems))
         need(self.image_size >= 64, f"image_size must be >= 64: ResNet-34 downsamples 32x and layer4's "
              f"BatchNorm needs more than one value per channel, got {self.image_size}")
+
+    def strategy_hyperparameters(self) -> dict[str, float]:
+        """The strategy's hyperparameters that are set (None ones take the strategy's default)."""
+        return {k: getattr(self, k) for k in STRATEGY_FIELDS if getattr(self, k) is not None}
+
+    def with_strategy(self, strategy: str, **hyperparameters: Optional[float]) -> "Config":
+        """A copy running `strategy`: of the hyperparameters given (e.g. every one of the notebook's
+        parameters cell), it keeps those the strategy uses and clears the rest."""
+        unknown = sorted(set(hyperparameters) - set(STRATEGY_FIELDS))
+        if unknown:
+            raise ValueError(f"Config.with_strategy: {unknown} are not strategy hyperparameters {STRATEGY_FIELDS}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"Config: strategy must be one of {tuple(STRATEGIES)}, got {strategy!r}")
+        own = STRATEGIES[strategy].defaults
+        return dataclasses.replace(self, strategy=strategy,
+                                   **{k: hyperparameters.get(k) if k in own else None for k in STRATEGY_FIELDS})
 
     @classmethod
     def for_dataset(cls, dataset: str, **fields: Any) -> "Config":

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .cache import CACHE_VERSION, CachedImageDataset, _crc32, _crc_rows, _digest, _exclusive, _first, _rows
-from .client import autocast, to_input
+from .device import autocast, to_input
 from .data import LABELS, DataError, label_matrix
 from .io import atomic_write, atomic_write_text, remove_orphan_temporaries
 from .model import trunk_digest

@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 EXCHANGED_PREFIXES: tuple[str, ...] = ("layer4.", "fc.")
 TRUNK: tuple[str, ...] = ("conv1", "bn1", "layer1", "layer2", "layer3")
 WEIGHTS_ENV = "FEDXRAY_WEIGHTS"
+# layer4's BatchNorm: "average" (exchanged and averaged with the weights) or "local" (FedBN, Li et al.
+# 2021: each client keeps its own statistics and affine parameters).
+BN_POLICIES = ("average", "local")
 
 
 class ChestXrayResNet(ResNet):
@@ -74,8 +77,8 @@ def exchanged_keys(model: nn.Module, bn_policy: str = "average") -> list[str]:
     if bn_policy == "local":
         local = set(bn_keys(model))
         keys = [k for k in keys if k not in local]
-    elif bn_policy != "average":
-        raise ValueError(f"bn_policy must be 'average' or 'local' (FedBN), got {bn_policy!r}")
+    elif bn_policy not in BN_POLICIES:
+        raise ValueError(f"bn_policy must be one of {BN_POLICIES} ('local' = FedBN), got {bn_policy!r}")
     return keys
 
 
@@ -86,6 +89,12 @@ def bn_keys(model: nn.Module) -> list[str]:
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and mname.startswith(EXCHANGED_PREFIXES):
             keys += [f"{mname}.{k}" for k in m.state_dict()]
     return keys
+
+
+def buffer_keys(model: nn.Module) -> list[str]:
+    """State keys that are buffers, not parameters (BatchNorm running statistics and batch counts):
+    no gradient moves them, so a server optimizer must not treat their change as one."""
+    return [name for name, _ in model.named_buffers()]
 
 
 def get_state(model: nn.Module, keys) -> dict[str, torch.Tensor]:
@@ -153,14 +162,6 @@ def build_model(num_classes: int = 14, weights: str | os.PathLike | None = "auto
         _load_backbone(torch_model, state, source)
     torch_model.weights_source = source
     return torch_model
-
-
-def resolved_weights(source: str) -> str | None:
-    """The `weights` argument that rebuilds what a model's weights_source says was used, so that
-    later runs (baselines) need not resolve "auto" again: "imagenet", a file path, or None."""
-    if source.startswith("file:"):
-        return source[len("file:"):]
-    return "imagenet" if source == "imagenet" else None
 
 
 def _auto_state():

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from .data import LABELS
+from .history import ALL, GLOBAL, select
 from .io import atomic_write
 
 
@@ -26,9 +27,9 @@ def save_figure(fig, out_dir: str | Path, name: str, dpi: int = 150) -> list[Pat
     return out
 
 
-def final_test_auroc(history: pd.DataFrame, client: str = "global") -> pd.Series:
+def final_test_auroc(history: pd.DataFrame, client: str = GLOBAL) -> pd.Series:
     """Per-finding test AUROC of the last evaluated round, indexed by finding name."""
-    h = history[(history["split"] == "test") & (history["client"].astype(str) == client)]
+    h = select(history, "test", client=client)
     if h.empty:
         raise ValueError(f"no test rows for client {client!r} in the history")
     last = h[h["round"] == h["round"].max()]
@@ -44,7 +45,7 @@ def auroc_table(histories: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     cols = {}
     for name, h in histories.items():
         clients = sorted(set(h.loc[h["split"] == "test", "client"].astype(str)))
-        if clients == ["global"] or "global" in clients:
+        if GLOBAL in clients:
             cols[name] = final_test_auroc(h)
         else:
             per = pd.concat({c: final_test_auroc(h, c) for c in clients}, axis=1)
@@ -102,12 +103,12 @@ def plot_loss_curves(history: pd.DataFrame, title: str = "Loss per round"):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     train = history[(history["split"] == "train") & (history["metric"] == "train_loss")]
-    for client, g in train[train["client"] != "all"].groupby("client"):
+    for client, g in train[train["client"] != ALL].groupby("client"):
         ax.plot(g["round"], g["value"], color="tab:blue", alpha=0.3, lw=1, marker=".")
-    pooled = train[train["client"] == "all"]
+    pooled = train[train["client"] == ALL]
     ax.plot(pooled["round"], pooled["value"], color="tab:blue", lw=2, marker="o",
             label="client training loss (thin: each client; thick: weighted mean)")
-    val = history[(history["split"] == "val") & (history["metric"] == "loss") & (history["client"] == "global")]
+    val = select(history, "val", "loss")
     ax.plot(val["round"], val["value"], color="tab:orange", lw=2, marker="s", label="global model, validation loss")
     return _per_round_axes(fig, ax, "binary cross-entropy", title)
 
@@ -118,7 +119,7 @@ def plot_mean_auroc(histories: Mapping[str, pd.DataFrame], title: str = "Mean AU
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for color, (name, h) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], histories.items()):
         for split, style in (("val", "--"), ("test", "-")):
-            g = h[(h["split"] == split) & (h["metric"] == "mean_auroc") & (h["client"] == "global")]
+            g = select(h, split, "mean_auroc")
             if len(g):
                 ax.plot(g["round"], g["value"], style, color=color, marker="o", ms=3, label=f"{name} ({split})")
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
@@ -141,5 +142,36 @@ def plot_auroc_bars(table: pd.DataFrame, title: str = "Test AUROC per finding"):
     ax.set_ylabel("test AUROC")
     ax.set_title(title)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_strategy_curves(histories: Mapping[str, pd.DataFrame], split: str = "val",
+                         title: str = "Validation mean AUROC per round"):
+    """One line per run (e.g. per strategy): the global model's mean AUROC on `split` per round."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, h in histories.items():
+        g = select(h, split, "mean_auroc")
+        if len(g):
+            ax.plot(g["round"], g["value"], marker="o", ms=3, label=name)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    return _per_round_axes(fig, ax, f"{split} mean AUROC over findings", title)
+
+
+def plot_final_auroc(histories: Mapping[str, pd.DataFrame], title: str = "Final test mean AUROC"):
+    """One bar per run: the global model's test mean AUROC after its last round, value printed on it."""
+    plt = _plt()
+    names = list(histories)
+    values = [float(final_test_auroc(h).mean(skipna=True)) for h in histories.values()]
+    fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(names), 4.0))
+    bars = ax.bar(range(len(names)), values, color="tab:blue")
+    for bar, v in zip(bars, values):
+        ax.text(bar.get_x() + bar.get_width() / 2, v + 0.005, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylim(0.4, 1.0)
+    ax.set_ylabel("test mean AUROC (final round)")
+    ax.set_title(title)
     fig.tight_layout()
     return fig

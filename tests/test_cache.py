@@ -19,6 +19,7 @@ from fedxray.features import build_feature_cache
 from fedxray.data import DataError, ImageDecodeError
 from fedxray.io import file_lock, orphan_temporaries
 from fedxray.federated import FederatedRun
+from fedxray.parts import prepare
 
 from conftest import ROOT, write_tiny_nih
 
@@ -101,7 +102,7 @@ def test_corrupt_png_is_excluded_and_reported(tmp_path, caplog):
     splits = fedxray.split_by_patient(meta, val_fraction=0.2, seed=0, test_fraction=0.25)
     cfg = Config(num_clients=2, image_size=SIZE, weights=None, image_cache=True, progress=False,
                  cache_dir=str(tmp_path / "cache"))
-    run = FederatedRun(cfg, splits["train"], splits["val"], splits["test"], tmp_path / "run")
+    run = FederatedRun(prepare(cfg, splits), tmp_path / "run")
     assert run.info["excluded_images"] == [bad]
     held = sum(run.info["client_examples"]) + run.info["val_examples"] + run.info["test_examples"]
     assert held == len(meta) - 1

@@ -12,7 +12,9 @@ import torch
 import fedxray
 from fedxray import CheckpointError, Config, DivergenceError, run_federated, run_local_only
 from fedxray.checkpoint import CHECKPOINT, FINAL_MODEL, load_checkpoint
-from fedxray.federated import FederatedRun, predict
+from fedxray.device import predict
+from fedxray.federated import FederatedRun
+from fedxray.parts import prepare
 from fedxray.io import LockedError, file_lock
 
 from conftest import write_tiny_nih
@@ -116,7 +118,7 @@ def test_resume_refuses_a_changed_weights_file(tiny_splits, tmp_path):
     torch.manual_seed(1)
     torch.save(fedxray.build_model(weights=None).state_dict(), weights)
     cfg = _config(weights=str(weights), num_rounds=2)
-    run = FederatedRun(cfg, tiny_splits["train"], tiny_splits["val"], tiny_splits["test"], tmp_path / "run")
+    run = FederatedRun(prepare(cfg, tiny_splits), tmp_path / "run")
     run._start_fresh()                                              # round 0 written, as after a kill
     torch.manual_seed(2)
     torch.save(fedxray.build_model(weights=None).state_dict(), weights)   # same path, other weights
@@ -152,16 +154,16 @@ def test_divergence_is_named_where_it_happens(tiny_splits, tmp_path, optimizer):
 
 
 def test_non_finite_predictions_are_divergence_not_a_metrics_error(tiny_splits):
-    run = FederatedRun(_config(), tiny_splits["train"], tiny_splits["val"], tiny_splits["test"], "unused")
+    run = FederatedRun(prepare(_config(), tiny_splits), "unused")
     with torch.no_grad():
         run.model.fc.weight[:, ::2] = 3e38                          # finite weights whose logits are
         run.model.fc.weight[:, 1::2] = -3e38                        # inf - inf = NaN
     with pytest.raises(DivergenceError, match="non-finite predictions"):
-        predict(run.model, run.val_data, 64, torch.device("cpu"))
+        predict(run.model, run.parts.val_data, 64, torch.device("cpu"))
 
 
 def test_nan_from_the_server_is_blamed_on_the_server(tiny_splits):
-    run = FederatedRun(_config(), tiny_splits["train"], tiny_splits["val"], tiny_splits["test"], "unused")
+    run = FederatedRun(prepare(_config(), tiny_splits), "unused")
     state = {**run.global_state, "fc.bias": torch.full((14,), float("nan"))}
     with pytest.raises(ValueError, match="server's model is corrupt"):
         run.clients[0].fit(state, round_num=3)
@@ -169,14 +171,14 @@ def test_nan_from_the_server_is_blamed_on_the_server(tiny_splits):
 
 def test_damaged_cached_features_are_blamed_on_the_cache(tiny_splits, tmp_path):
     from fedxray.features import FeatureCache
-    run = FederatedRun(_config(), tiny_splits["train"], tiny_splits["val"], tiny_splits["test"], "unused")
+    run = FederatedRun(prepare(_config(), tiny_splits), "unused")
     frame = run.client_frames[0]
     features = torch.randn(len(frame), 256, 4, 4)
     features[3, 0, 0, 0] = float("inf")
     cache = FeatureCache(features, frame["image"], "key", "trunk", torch.device("cpu"), path=None)
     client = fedxray.Client(0, cache.dataset(frame), run.model, batch_size=8)
     with pytest.raises(fedxray.DataError, match="cached features are damaged"):
-        client.fit(run.global_state)
+        client.fit(run.global_state, round_num=1)
 
 
 def test_local_only_partitions_the_same_usable_rows_as_fedavg(tmp_path):
@@ -186,7 +188,7 @@ def test_local_only_partitions_the_same_usable_rows_as_fedavg(tmp_path):
     broken = Path(splits["train"]["path"].iloc[5])
     broken.write_bytes(broken.read_bytes()[:40])                    # undecodable: the cache excludes it
     cfg = _config(image_cache=True, cache_dir=str(tmp_path / "cache"), preload=False)
-    fed = FederatedRun(cfg, splits["train"], splits["val"], splits["test"], tmp_path / "fedavg")
+    fed = FederatedRun(prepare(cfg, splits), tmp_path / "fedavg")
     assert sum(len(f) for f in fed.client_frames) == len(splits["train"]) - 1
     run_local_only(cfg, splits, tmp_path / "local")
     for k, frame in enumerate(fed.client_frames):
@@ -208,10 +210,10 @@ def test_a_checkpoint_from_a_newer_config_names_the_file(tiny_splits, tmp_path):
     from fedxray.checkpoint import payload_digest
     run_federated(_config(), tiny_splits, tmp_path)
     payload = torch.load(tmp_path / CHECKPOINT, weights_only=True)
-    payload["config"] = json.dumps({**json.loads(payload["config"]), "strategy": "fedprox"})
+    payload["config"] = json.dumps({**json.loads(payload["config"]), "clip_norm": 1.0})
     payload["checksum"] = payload_digest({k: v for k, v in payload.items() if k != "checksum"})
     torch.save(payload, tmp_path / CHECKPOINT)                      # intact, but from another version
-    with pytest.raises(CheckpointError, match=rf"{tmp_path / CHECKPOINT} holds a configuration.*strategy"):
+    with pytest.raises(CheckpointError, match=rf"{tmp_path / CHECKPOINT} holds a configuration.*clip_norm"):
         run_federated(_config(), tiny_splits, tmp_path)
 
 

@@ -1,4 +1,4 @@
-"""Rounds, history, checkpoints, resume, baselines."""
+"""Rounds, history, checkpoints, resume, baselines, every strategy in the loop."""
 import json
 
 import numpy as np
@@ -10,6 +10,7 @@ import fedxray
 from fedxray import LABELS, Config, NonFiniteLossError, run_centralized, run_federated, run_local_only
 from fedxray.checkpoint import load_checkpoint
 from fedxray.federated import CHECKPOINT, FederatedRun, cap_splits, sample_clients
+from fedxray.parts import prepare
 
 
 def _config(**kw):
@@ -48,9 +49,9 @@ def test_run_writes_history_config_and_checkpoint(tiny_splits, tmp_path):
 
 def test_mean_auroc_is_pooled_and_matches_sklearn(tiny_splits, tmp_path):
     res = run_federated(_config(num_rounds=1), tiny_splits, tmp_path)
-    run = FederatedRun(_config(num_rounds=1), tiny_splits["train"], tiny_splits["val"], tiny_splits["test"], tmp_path / "x")
+    run = FederatedRun(prepare(_config(num_rounds=1), tiny_splits), tmp_path / "x")
     run.model.load_state_dict(res.model.state_dict())
-    probs, labels = fedxray.federated.predict(run.model, run.test_data, 64, torch.device("cpu"))
+    probs, labels = fedxray.device.predict(run.model, run.parts.test_data, 64, torch.device("cpu"))
     from sklearn.metrics import roc_auc_score
     expected = np.nanmean([roc_auc_score(labels[:, j], probs[:, j]) if 0 < labels[:, j].sum() < len(labels)
                            else np.nan for j in range(14)])
@@ -97,9 +98,9 @@ def test_non_finite_loss_keeps_last_good_checkpoint(tiny_splits, tmp_path, monke
         return loss * float("nan") if fedxray.Client._round == 2 else loss
     real_fit = fedxray.Client.fit
 
-    def fit(self, state, round_num=1):
+    def fit(self, state, round_num, payload=None):
         fedxray.Client._round = round_num
-        return real_fit(self, state, round_num)
+        return real_fit(self, state, round_num, payload)
     monkeypatch.setattr(torch.nn.BCEWithLogitsLoss, "forward", nan_in_round_2)
     monkeypatch.setattr(fedxray.Client, "fit", fit)
     with pytest.raises(NonFiniteLossError, match="round 2.*checkpoint of round 1"):
@@ -158,3 +159,115 @@ def test_config_rejects_bad_values():
         Config(optimizer="rmsprop")
     with pytest.raises(ValueError, match="unknown field"):
         Config.from_dict({"num_clients": 2, "bogus": 1})
+
+
+# ----------------------------------------------------------------------------- the setup apart from the loop
+
+def test_centralized_with_a_column_partition_runs(tiny_splits, tmp_path):
+    # The first version kept partition_column in the one-client config and partition() refused it.
+    cfg = _config(num_rounds=1, partition="column", partition_column="view")
+    res = run_centralized(cfg, tiny_splits, tmp_path)
+    assert res.info["client_examples"] == [len(tiny_splits["train"])]
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["num_clients"], saved["partition"], saved["partition_column"]) == (1, "iid", None)
+
+
+def test_baselines_reuse_the_prepared_parts_and_start_from_the_initial_model(tiny_splits, tmp_path, monkeypatch):
+    cfg = _config(num_rounds=1)
+    parts = prepare(cfg, tiny_splits)
+    initial = {k: v.clone() for k, v in parts.model.state_dict().items()}
+    fed = FederatedRun(parts, tmp_path / "fed").run()
+    monkeypatch.setattr(fedxray.parts, "build_model", lambda *a, **k: pytest.fail("a second model was built"))
+    central = run_centralized(cfg, tiny_splits, tmp_path / "central", parts=parts)
+    ckpt = load_checkpoint(tmp_path / "central" / CHECKPOINT)
+    assert ckpt["round"] == 1 and central.info["weights_source"] == fed.info["weights_source"]
+    monkeypatch.undo()
+    fresh = run_centralized(cfg, tiny_splits, tmp_path / "central_fresh")   # its own setup, from scratch
+    pd.testing.assert_frame_equal(central.history, fresh.history)            # the reused parts changed nothing
+    for k, v in initial.items():                                             # and round 0 saw the built model
+        if not k.startswith(("layer4.", "fc.")):
+            assert torch.equal(parts.model.state_dict()[k], v), k
+
+
+def test_parts_refuse_a_config_of_another_setup(tiny_splits):
+    parts = prepare(_config(), tiny_splits)
+    with pytest.raises(ValueError, match="another setup.*image_size"):
+        run_federated(_config(image_size=96), tiny_splits, "unused", parts=parts)
+
+
+def test_a_fit_without_its_round_is_refused(tiny_splits):
+    # The first version defaulted round_num to 1, so a caller that forgot it reused round 1's shuffle.
+    run = FederatedRun(prepare(_config(), tiny_splits), "unused")
+    with pytest.raises(TypeError):
+        run.clients[0].fit(run.global_state)
+    with pytest.raises(ValueError, match="round_num must be the round number"):
+        run.clients[0].fit(run.global_state, round_num=0)
+
+
+# ----------------------------------------------------------------------------- every strategy in the loop
+
+def _strategy_config(name, **kw):
+    extra = dict(optimizer="sgd", momentum=0.0, lr=1e-2) if name == "scaffold" else {}
+    return _config(strategy=name, **{**extra, **kw})
+
+
+@pytest.mark.parametrize("name", list(fedxray.STRATEGIES))
+def test_every_strategy_resumes_to_the_uninterrupted_result(name, tiny_splits, tmp_path, monkeypatch):
+    """With client sampling, FedBN and the feature cache on: a run killed after round 2 and resumed
+    ends bitwise where the uninterrupted run ends (the strategy's server state is checkpointed)."""
+    cfg = _strategy_config(name, num_clients=3, fraction_fit=0.67, num_rounds=3, bn_policy="local",
+                           feature_cache=True, cache_dir=str(tmp_path / "cache"), preload=False)
+    full = run_federated(cfg, tiny_splits, tmp_path / "full")
+    real_round = FederatedRun._round
+
+    def crash_in_round_3(self, r, progress):
+        if r == 3:
+            raise KeyboardInterrupt("simulated interruption")
+        return real_round(self, r, progress)
+    monkeypatch.setattr(FederatedRun, "_round", crash_in_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_federated(cfg, tiny_splits, tmp_path / "resumed")
+    monkeypatch.setattr(FederatedRun, "_round", real_round)
+    resumed = run_federated(cfg, tiny_splits, tmp_path / "resumed")
+    pd.testing.assert_frame_equal(full.history, resumed.history)
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    info = json.loads((tmp_path / "full" / "run_info.json").read_text())
+    assert info["strategy"] == name
+
+
+def test_a_damaged_strategy_state_in_a_checkpoint_is_refused(tiny_splits, tmp_path):
+    from fedxray.checkpoint import payload_digest
+    cfg = _strategy_config("fedadam", num_rounds=1)
+    run_federated(cfg, tiny_splits, tmp_path)
+    payload = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    moment = _first_float_tensor(payload["extra"]["strategy"])      # Adam's m or v after round 1
+    moment.view(-1)[0] = float("nan")
+    payload["checksum"] = payload_digest({k: v for k, v in payload.items() if k != "checksum"})
+    torch.save(payload, tmp_path / CHECKPOINT)                      # sealed again: only the check can catch it
+    with pytest.raises(fedxray.CheckpointError, match=rf"{tmp_path / CHECKPOINT}.*fedadam server state"):
+        run_federated(cfg, tiny_splits, tmp_path)
+
+
+def test_scaffold_bytes_count_its_control_variates_both_ways(tiny_splits, tmp_path):
+    avg = run_federated(_strategy_config("fedavg", num_rounds=1, optimizer="sgd", momentum=0.0, lr=1e-2),
+                        tiny_splits, tmp_path / "avg").history
+    sca = run_federated(_strategy_config("scaffold", num_rounds=1), tiny_splits, tmp_path / "sca").history
+    model = fedxray.build_model(weights=None)
+    params = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if p.requires_grad)
+
+    def comm(h, metric):
+        return h[(h.split == "comm") & (h.metric == metric)]["value"].item()
+    for metric in ("bytes_sent", "bytes_received"):               # 2 clients, each way
+        assert comm(sca, metric) == comm(avg, metric) + 2 * params, metric
+
+
+def _first_float_tensor(obj):
+    if isinstance(obj, torch.Tensor) and obj.is_floating_point() and obj.numel():
+        return obj
+    for v in (obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()):
+        found = _first_float_tensor(v)
+        if found is not None:
+            return found
+    return None

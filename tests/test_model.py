@@ -114,12 +114,3 @@ def test_auto_prefers_imagenet(monkeypatch, tmp_path):
     m = build_model(weights="auto")
     assert m.weights_source == "imagenet"
     assert torch.equal(m.layer4[0].conv1.weight, ref.layer4[0].conv1.weight)
-
-
-def test_resolved_weights_rebuild_the_same_source(tmp_path):
-    from fedxray.model import resolved_weights
-    _, path = _resnet34_file(tmp_path)
-    m = build_model(weights=str(path))
-    assert build_model(weights=resolved_weights(m.weights_source)).weights_source == m.weights_source
-    assert resolved_weights("imagenet") == "imagenet"
-    assert resolved_weights("random (ImageNet weights unavailable)") is None

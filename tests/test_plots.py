@@ -56,3 +56,14 @@ def test_figures_are_written_as_png_and_pdf(tmp_path):
         assert all(p.stat().st_size > 1000 for p in paths)
         assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[1].read_bytes()[:4] == b"%PDF"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}.{e}" for n in figs for e in ("png", "pdf"))
+
+
+def test_strategy_figures_draw_one_series_per_run_with_the_final_values():
+    runs = {"fedavg": _history(auc=0.7), "fedprox": _history(auc=0.8), "fedadam": _history(auc=0.6)}
+    fig = plots.plot_strategy_curves(runs)
+    lines = [l for l in fig.axes[0].get_lines() if l.get_label() in runs]
+    assert [l.get_label() for l in lines] == list(runs)
+    assert list(lines[1].get_ydata()) == [0.8, 0.8, 0.8]                 # the val series of fedprox
+    bars = plots.plot_final_auroc(runs).axes[0].patches
+    expected = [plots.final_test_auroc(h).mean() for h in runs.values()]
+    assert [b.get_height() for b in bars] == pytest.approx(expected)

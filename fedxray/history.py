@@ -1,0 +1,77 @@
+"""The history format: one long table (round, split, client, metric, value) that both drivers
+write and every plot reads. Its column names, the names of its special rows and the functions that
+build and select rows live here and nowhere else."""
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+from torch import Tensor
+
+from .aggregation import state_nbytes
+from .data import LABELS
+from .metrics import auroc_per_finding, mean_auroc
+
+COLUMNS = ["round", "split", "client", "metric", "value"]
+# The `client` of rows that are not one client's: the global model's metrics, the example-weighted
+# mean of the clients' training losses, and the server's communication counts.
+GLOBAL, ALL, SERVER = "global", "all", "server"
+SPLITS = ("train", "val", "test", "comm")
+
+
+def row(round_num: int, split: str, client, metric: str, value: float) -> dict:
+    return dict(round=int(round_num), split=split, client=str(client), metric=metric, value=float(value))
+
+
+def metric_rows(round_num: int, split: str, client, probs: np.ndarray, labels: np.ndarray) -> list[dict]:
+    """loss (BCE averaged over examples and findings), mean_auroc and one auroc_<finding> per
+    finding, all from pooled predictions."""
+    p = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
+    loss = float(-(labels * np.log(p) + (1 - labels) * np.log(1 - p)).mean()) if len(p) else float("nan")
+    auc = auroc_per_finding(labels, probs)
+    rows = [row(round_num, split, client, "loss", loss), row(round_num, split, client, "mean_auroc", mean_auroc(auc))]
+    rows += [row(round_num, split, client, f"auroc_{name}", a) for name, a in zip(LABELS, auc)]
+    return rows
+
+
+def train_rows(round_num: int, client_ids: Sequence[int], updates: Sequence, sent_bytes: Sequence[int]) -> list[dict]:
+    """A round's training and communication rows: each client's loss and examples, their
+    example-weighted mean loss ("all"), and the bytes the server sent (sent_bytes: one entry per
+    client it sent to, the global state plus any strategy payload) and received (each update's
+    state plus its extra tensors, e.g. SCAFFOLD's control variates)."""
+    r = round_num
+    rows = [row(r, "train", k, "train_loss", u.train_loss) for k, u in zip(client_ids, updates)]
+    rows += [row(r, "train", k, "num_examples", u.num_examples) for k, u in zip(client_ids, updates)]
+    n = sum(u.num_examples for u in updates)
+    rows.append(row(r, "train", ALL, "train_loss", sum(u.train_loss * u.num_examples for u in updates) / n))
+    rows.append(row(r, "comm", SERVER, "bytes_sent", sum(sent_bytes)))
+    rows.append(row(r, "comm", SERVER, "bytes_received",
+                    sum(state_nbytes(u.state) + state_nbytes(u.extra) for u in updates)))
+    return rows
+
+
+def message_bytes(state: Mapping[str, Tensor], payload: Optional[Mapping[str, Tensor]] = None) -> int:
+    """Bytes of one message from the server: the global state and a strategy's payload."""
+    return state_nbytes(state) + state_nbytes(payload or {})
+
+
+def frame(rows: Sequence[dict]) -> pd.DataFrame:
+    return pd.DataFrame(list(rows), columns=COLUMNS)
+
+
+def select(history: pd.DataFrame, split: Optional[str] = None, metric: Optional[str] = None,
+           client: Optional[str] = GLOBAL) -> pd.DataFrame:
+    """The rows of one split, metric and client (None: any); by default the global model's."""
+    keep = np.ones(len(history), dtype=bool)
+    for column, value in (("split", split), ("metric", metric), ("client", client)):
+        if value is not None:
+            keep &= (history[column].astype(str) == str(value)).to_numpy()
+    return history[keep]
+
+
+def last_value(rows: Sequence[dict] | pd.DataFrame, split: str, metric: str, client: str = GLOBAL) -> float:
+    """The latest value of a series, or NaN when it has none."""
+    h = rows if isinstance(rows, pd.DataFrame) else frame(rows)
+    s = select(h, split, metric, client)
+    return float(s["value"].iloc[-1]) if len(s) else float("nan")
