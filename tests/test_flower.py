@@ -1,5 +1,6 @@
 """The Flower driver: hospital folders, run config, aggregation, the ClientApp's reply, and a real
-federation (one SuperLink and two SuperNodes as processes on 127.0.0.1) against the in-process run."""
+federation (one SuperLink and two SuperNodes as processes on 127.0.0.1, two strategies run one
+after the other) against the in-process run."""
 import json
 import os
 import signal
@@ -70,7 +71,7 @@ def test_app_run_config_is_every_config_field_with_its_default(tmp_path):
     assert keys == set(run_config_from_config(Config())) | set(FLOWER_KEYS)
     assert config_from_run_config(app["config"]) == Config(progress=False)
     assert fault_policy(app["config"], Config()) == FaultPolicy() == FaultPolicy(None, 3600.0)   # strict
-    cfg = Config(**TINY, max_images=7, lr=1e-05)
+    cfg = Config(**TINY, max_images=7, lr=1e-05, strategy="fedadam", eta=0.05)   # a set and an unset hyperparameter
     path = write_run_config(tmp_path / "run.toml", cfg, "out", "val", "test", FaultPolicy(1, 30.0))
     values = tomllib.loads(path.read_text())
     assert config_from_run_config(values) == cfg
@@ -107,9 +108,11 @@ DIGEST = "ab" * 32   # an image-list digest, as a query answer carries it
 
 
 def _strategy(states, counts, **config):
-    """A FedXrayAvg that sent states' shape of zeros to clients 0..n-1 on nodes 10, 11, ..."""
-    from fedxray.flower.strategy import FedXrayAvg
-    strategy = FedXrayAvg(Config(num_clients=len(counts), **config), list(states[0]))
+    """A fedavg FedXrayStrategy that sent states' shape of zeros to clients 0..n-1 on nodes 10, 11, ..."""
+    from fedxray.flower.strategy import FedXrayStrategy
+    from fedxray.strategies import make_strategy
+    strategy = FedXrayStrategy(Config(num_clients=len(counts), **config),
+                               make_strategy("fedavg", num_clients=len(counts)))
     strategy.chosen = list(range(len(counts)))
     strategy.node_of = {k: 10 + k for k in range(len(counts))}
     strategy.client_examples = dict(enumerate(counts))
@@ -118,7 +121,7 @@ def _strategy(states, counts, **config):
     return strategy
 
 
-def test_flower_aggregation_is_fedxray_fedavg():
+def test_flower_fedavg_aggregation_is_fedxray_fedavg():
     pytest.importorskip("flwr", reason="flwr not installed: pip install -e '.[flower]'")
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
@@ -133,11 +136,11 @@ def test_flower_aggregation_is_fedxray_fedavg():
     messages = [_message(replies[i], "train", src=10 + i) for i in order]
     expected = fedxray.fedavg(states, counts)
 
-    # The strategy's aggregate_train returns exactly fedxray.fedavg's state and the example-weighted
+    # The fedavg strategy's aggregate_train returns exactly fedxray.fedavg's state and the example-weighted
     # loss (num_batches_tracked: up to 50 batches, within local_epochs x ceil(n / batch_size)).
     strategy = _strategy(states, counts, batch_size=1, local_epochs=25)
     seen = []
-    strategy.on_train = lambda r, ids, updates, dropped: seen.append((r, ids, dropped))
+    strategy.on_train = lambda r, ids, updates, dropped, sent: seen.append((r, ids, dropped))
     arrays, metrics = strategy.aggregate_train(1, messages)
     for key, value in to_state(arrays).items():
         assert value.dtype == expected[key].dtype and torch.equal(value, expected[key]), key
@@ -149,7 +152,7 @@ def test_flower_aggregation_is_fedxray_fedavg():
         strategy.aggregate_train(1, messages)
 
     # Flower's own FedAvg aggregation agrees on float entries to float32 rounding, but sums in
-    # float32 and returns num_batches_tracked as an unrounded float64: why fedxray.fedavg is used.
+    # float32 and returns num_batches_tracked as an unrounded float64: why fedxray's strategies are used.
     flower = to_state(aggregate_arrayrecords([replies[i] for i in order], "num-examples"))
     for key in expected:
         if expected[key].is_floating_point():
@@ -386,35 +389,54 @@ class Federation:
 
 
 @pytest.mark.slow
-def test_flower_deployment_equals_in_process_run(tiny_splits, tmp_path, processes):
+def test_flower_deployment_runs_strategies_one_after_the_other_as_in_process(tiny_splits, tmp_path, processes):
+    """One federation (a SuperLink, two SuperNodes), two `flwr run`s one after the other, FedProx
+    (a client-side term) then FedAdam (a server optimizer): each ends as fedxray.run_federated."""
     need_flower_processes()
-    until = time.monotonic() + DEADLINE_S
-    config = Config(**TINY)
+    until = time.monotonic() + 2 * DEADLINE_S
     parts = _frames(tiny_splits)
     sites = write_client_folders(parts, tmp_path / "sites")
     val_dir = write_nih_folder(tiny_splits["val"], tmp_path / "server" / "val")
     test_dir = write_nih_folder(tiny_splits["test"], tmp_path / "server" / "test")
-    out = tmp_path / "flower_run"
-    overrides = write_run_config(tmp_path / "run_config.toml", config, out, val_dir, test_dir)
-
     try:
         federation = Federation(processes, tmp_path, sites, until)
-        run = federation.run(overrides)
-
-        # The in-process simulation with the same seed, partition and client ids, meanwhile.
-        sim = run_federated(config, tiny_splits, tmp_path / "sim_run", client_frames=parts)
-
-        final = out / "final_model.pt"
-        federation.wait(final.exists, f"{final} is written", run)
-        compare_with_in_process(out, tmp_path / "sim_run", sim.model, rounds=config.num_rounds)
+        for name in ("fedprox", "fedadam"):
+            config = Config(**TINY, strategy=name)
+            out = tmp_path / f"flower_{name}"
+            overrides = write_run_config(tmp_path / f"run_config_{name}.toml", config, out, val_dir, test_dir)
+            run = federation.run(overrides, f"flwr_run_{name}")
+            # The in-process run with the same seed, partition and client ids, meanwhile.
+            sim = run_federated(config, tiny_splits, tmp_path / f"sim_{name}", client_frames=parts)
+            final = out / "final_model.pt"
+            federation.wait(final.exists, f"{final} is written", run, may_die=("flwr_run",))
+            compare_with_in_process(out, tmp_path / f"sim_{name}", sim.model, rounds=config.num_rounds)
+            assert json.loads((out / "run_info.json").read_text())["strategy"] == name
     except BaseException:
         print(processes.logs())
         raise
 
 
+def assert_close_nested(got, want, where: str = "") -> None:
+    """Two nests of dicts, lists, tensors and plain values are equal (tensors to float tolerance)."""
+    if isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor), where
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=where)
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), (where, sorted(got), sorted(want))
+        for k in want:
+            assert_close_nested(got[k], want[k], f"{where}[{k!r}]")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_close_nested(g, w, f"{where}[{i}]")
+    else:
+        assert got == want, where
+
+
 def compare_with_in_process(out: Path, sim_dir: Path, sim_model, rounds: int, own_info=()) -> None:
     """A Flower run's files hold the in-process run's weights, config, run info (but the entries
-    own_info), checkpoint and history (the same rows in the same order, values to float tolerance)."""
+    own_info), checkpoint (the strategy's server state included) and history (the same rows in the
+    same order, values to float tolerance)."""
     got = torch.load(out / "final_model.pt", map_location="cpu", weights_only=True)
     want = sim_model.state_dict()
     assert set(got["state_dict"]) == set(want)
@@ -430,6 +452,7 @@ def compare_with_in_process(out: Path, sim_dir: Path, sim_model, rounds: int, ow
     assert set(ckpt) == set(sim_ckpt) and ckpt["round"] == rounds
     assert set(got) == set(torch.load(sim_dir / "final_model.pt", map_location="cpu", weights_only=True))
     assert ckpt["inputs"] == sim_ckpt["inputs"]          # the same trunk, val, test and client image lists
+    assert_close_nested(ckpt["extra"], sim_ckpt["extra"], "extra")   # the strategy's server state
     key_cols = ["round", "split", "client", "metric"]
     h, sim_h = (pd.read_csv(d / "history.csv", dtype={"client": str}) for d in (out, sim_dir))
     assert list(h.columns) == list(sim_h.columns)

@@ -2,6 +2,7 @@
 with crafted replies), rounds that drop failed hospitals, a server that resumes, and the site
 caches, first in process (ClientApps called by a fake Grid), then with real processes (a SuperNode
 killed mid-run; the ServerApp killed and restarted)."""
+import dataclasses
 import math
 import os
 import re
@@ -26,8 +27,10 @@ from fedxray.flower.records import (MAX_UPDATE_FACTOR, MessageError, check_query
                                     to_state, train_reply, update_problems)
 from fedxray.flower.runconfig import FaultPolicy, run_config_from_config  # noqa: E402
 from fedxray.flower.server_app import ServerRun  # noqa: E402
-from fedxray.flower.strategy import FedXrayAvg, RoundFailed  # noqa: E402
+from fedxray.flower.strategy import FedXrayStrategy, RoundFailed  # noqa: E402
 from fedxray.model import exchanged_keys, get_state, trunk_digest  # noqa: E402
+from fedxray.parts import prepare  # noqa: E402
+from fedxray.strategies import STRATEGIES, make_strategy  # noqa: E402
 from test_flower import (DEADLINE_S, TINY, Federation, _frames, compare_with_in_process,  # noqa: E402,F401
                          need_flower_processes, processes)
 
@@ -142,6 +145,61 @@ def test_a_bad_reply_is_refused_naming_the_client_and_the_problem(case):
     assert str(err.value).startswith("client 1 (node 11): ")
 
 
+def _payload(sent):
+    """A payload as SCAFFOLD's: one tensor per trainable parameter (the BatchNorm buffers have none)."""
+    return {k: torch.full_like(sent[k], 0.5) for k in ("layer4.0.conv1.weight", "fc.bias")}
+
+
+def _with_extra(edit):
+    """A reply whose extra is one tensor per payload entry, edited by edit(extra)."""
+    def make(sent):
+        u = _trained(sent)
+        extra = {k: torch.full_like(v, 0.1) for k, v in _payload(sent).items()}
+        edit(extra)
+        return train_reply(ClientUpdate(u.state, u.num_examples, u.train_loss, extra=extra), 1, DIGEST)
+    return make
+
+
+BAD_EXTRAS = {
+    "wrong key": (_with_extra(lambda e: e.update({"layer4.0.bn1.running_var": e.pop("fc.bias")})),
+                  r"'extra' record does not fit the payload sent to it: 1 key\(s\) missing \(first 'fc.bias'\); "
+                  r"1 unexpected key\(s\) \(first 'layer4.0.bn1.running_var'\)"),
+    "wrong shape": (_with_extra(lambda e: e.update({"fc.bias": torch.zeros(13)})),
+                    r"'extra' record .*'fc.bias' has shape \(13,\), expected \(14,\)"),
+    "wrong dtype": (_with_extra(lambda e: e.update({"fc.bias": e["fc.bias"].double()})),
+                    r"'extra' record .*'fc.bias' has dtype torch.float64, expected torch.float32"),
+    "NaN": (_with_extra(lambda e: e["fc.bias"].__setitem__(2, float("nan"))),
+            r"'extra' record .*'fc.bias' holds 1 NaN or infinite value\(s\).*diverged"),
+    "no extra": (_with_extra(lambda e: e.clear()),
+                 r"holds records \['arrays', 'config', 'metrics'\], expected \['arrays', 'config', 'extra', "
+                 r"'metrics'\].*the server sent this client a payload, so its reply must carry an extra record"),
+}
+
+
+def test_a_reply_with_the_extra_its_payload_calls_for_is_accepted_as_sent():
+    sent = _sent()
+    update = _check(_with_extra(lambda e: None)(sent), sent, payload=_payload(sent))
+    assert update.client_id == 1 and set(update.extra) == set(_payload(sent))
+    assert all(torch.equal(v, torch.full_like(v, 0.1)) for v in update.extra.values())
+
+
+@pytest.mark.parametrize("case", list(BAD_EXTRAS))
+def test_a_scaffold_reply_with_a_bad_extra_is_refused_naming_the_client(case):
+    make, match = BAD_EXTRAS[case]
+    sent = _sent()
+    with pytest.raises(MessageError, match=match) as err:
+        _check(make(sent), sent, payload=_payload(sent))
+    assert str(err.value).startswith("client 1 (node 11): ")
+
+
+def test_an_extra_the_server_did_not_ask_for_is_refused():
+    sent = _sent()
+    with pytest.raises(MessageError, match=r"client 1 \(node 11\): the message holds records \['arrays', 'config', "
+                                           r"'extra', 'metrics'\], expected \['arrays', 'config', 'metrics'\].*"
+                                           r"no payload, so its reply may carry no extra record"):
+        _check(_with_extra(lambda e: None)(sent), sent)
+
+
 def test_real_training_stays_within_the_bound_and_1e30_does_not(tiny_splits):
     """Three rounds of Adam at lr 1e-3 on a random trunk (where layer4's BatchNorm statistics
     move most) stay orders of magnitude inside MAX_UPDATE_FACTOR; the same update times 1e30 trips it."""
@@ -178,13 +236,15 @@ def _reply(content, src, reply_to=""):
 def test_each_way_a_client_fails_is_told_apart_and_the_rest_is_averaged(caplog):
     from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
     sent = _sent()
-    strategy = FedXrayAvg(Config(num_clients=4, batch_size=8), list(sent), FaultPolicy(min_replies=1))
+    strategy = FedXrayStrategy(Config(num_clients=4, batch_size=8), make_strategy("fedavg", num_clients=4),
+                               FaultPolicy(min_replies=1))
     strategy.node_of = {0: 10, 1: 11, 2: 12, 3: 13}
     strategy.client_examples = {k: 40 for k in range(4)}
     strategy.client_digests = {k: DIGEST for k in range(4)}
     strategy.chosen, strategy.sent, strategy.asked = [0, 1, 2, 3], sent, {"m1": 1}
     got = []
-    strategy.on_train = lambda r, ids, updates, dropped: got.append((ids, [(d.client_id, d.why) for d in dropped]))
+    strategy.on_train = lambda r, ids, updates, dropped, sent: got.append(
+        (ids, [(d.client_id, d.why) for d in dropped]))
     valid = train_reply(_trained(sent), 0, DIGEST)
     replies = [_reply(valid, 10),
                _reply(Error(ErrorCode.NODE_UNAVAILABLE, "Node Unavailable"), SUPERLINK_NODE_ID, reply_to="m1"),
@@ -232,6 +292,41 @@ def test_a_client_refuses_a_bad_server_message_and_blames_the_server():
         check_train_message(RecordDict({"arrays": to_record(own)}), own, client_id=1)
 
 
+def test_a_client_accepts_exactly_the_payload_its_strategy_expects():
+    own = _sent()
+    expected = _payload(own)
+    message = _train_message(own)
+    message["payload"] = to_record(expected)
+    got = check_train_message(message, own, client_id=1, payload_reference=expected)
+    assert set(got.payload) == set(expected) and all(torch.equal(got.payload[k], v) for k, v in expected.items())
+    assert check_train_message(_train_message(own), own, client_id=1).payload == {}
+
+    def with_payload(edit):
+        payload = {k: v.clone() for k, v in expected.items()}
+        edit(payload)
+        content = _train_message(own)
+        content["payload"] = to_record(payload)
+        return content
+    bad = {
+        "wrong key": (with_payload(lambda p: p.update({"layer4.0.bn1.running_var": p.pop("fc.bias")})),
+                      r"1 key\(s\) missing \(first 'fc.bias'\)"),
+        "wrong shape": (with_payload(lambda p: p.update({"fc.bias": torch.zeros(3)})),
+                        r"'fc.bias' has shape \(3,\), expected \(14,\)"),
+        "NaN": (with_payload(lambda p: p["fc.bias"].__setitem__(0, float("inf"))),
+                r"'fc.bias' holds 1 NaN or infinite value\(s\).*strategy state is corrupt"),
+    }
+    for case, (content, match) in bad.items():
+        with pytest.raises(MessageError, match=r"client 1: the server's train message \(round 1\) holds a 'payload' "
+                                               r"this client cannot use: " + match + ".*nothing was trained"):
+            check_train_message(content, own, client_id=1, payload_reference=expected)
+    with pytest.raises(MessageError, match=r"holds records \['arrays', 'config'\], expected \['arrays', 'config', "
+                                           r"'payload'\].*expects a payload"):
+        check_train_message(_train_message(own), own, client_id=1, payload_reference=expected)
+    with pytest.raises(MessageError, match=r"holds records \['arrays', 'config', 'payload'\], expected "
+                                           r"\['arrays', 'config'\].*expects no payload"):
+        check_train_message(message, own, client_id=1)
+
+
 def test_query_replies_are_checked():
     digest = "0f" * 32
     assert check_query_reply(query_reply(1, 30, digest), 11, 2).client_id == 1
@@ -262,6 +357,7 @@ class FakeGrid:
         self.outbox: dict[str, Message] = {}
         self.round = 0
         self.replies: dict[tuple[int, int], Message] = {}   # (round, client) -> reply as sent
+        self.payloads: dict[tuple[int, int], set] = {}      # (round, client) -> payload names sent
 
     def get_node_ids(self):
         return sorted(self.online)
@@ -273,6 +369,8 @@ class FakeGrid:
             node = msg.metadata.dst_node_id
             if msg.metadata.message_type == "train":
                 self.round = int(msg.content["config"]["server-round"])
+                payload = msg.content["payload"].keys() if "payload" in msg.content else ()
+                self.payloads[(self.round, self.online.get(node, -1))] = set(payload)
             reply = self._answer(msg, node) if node in self.online else None
             if reply is not None and self.faults is not None and msg.metadata.message_type == "train":
                 reply = self.faults(self.round, node, reply)
@@ -320,7 +418,7 @@ def _serve(config, folders, out, grid=None, faults=FaultPolicy(), grid_faults=No
     client_app._sites.clear()
     grid = grid or FakeGrid(folders["sites"], run_config_from_config(config), grid_faults)
     server = ServerRun(config, folders["val"], folders["test"], out, faults)
-    strategy = FedXrayAvg(config, server.keys, faults, on_train=server.record_train)
+    strategy = server.flower_strategy()
     strategy.connect(grid)
     server.start(strategy.client_examples, strategy.client_digests)
     server.run(grid, strategy)
@@ -335,6 +433,97 @@ def _silent_from_round(r, node):
 
 def _history(out):
     return pd.read_csv(out / "history.csv", dtype={"client": str})
+
+
+def strategy_config(name, **fields):
+    """TINY running strategy `name` with its defaults; SCAFFOLD with plain SGD, which its
+    correction assumes (its config_problems refuse Adam and momentum)."""
+    if name == "scaffold":
+        fields = {"optimizer": "sgd", "momentum": 0.0, "lr": 1e-2, **fields}
+    return Config(**{**TINY, **fields}).with_strategy(name)
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_every_strategy_on_flower_equals_the_in_process_run(name, folders, tiny_splits, tmp_path):
+    """The ServerApp's objects over ClientApps in process: the same weights, history (bytes sent
+    and received included) and strategy server state as fedxray.run_federated."""
+    config = strategy_config(name)
+    grid = FakeGrid(folders["sites"], run_config_from_config(config))
+    _serve(config, folders, tmp_path / "flower", grid)
+    sim = run_federated(config, tiny_splits, tmp_path / "sim", client_frames=folders["parts"])
+    compare_with_in_process(tmp_path / "flower", tmp_path / "sim", sim.model, rounds=config.num_rounds)
+    # What each message carried besides the state, and each reply: SCAFFOLD's tensors, one per
+    # trainable exchanged parameter; nothing for the others.
+    expected = {k for k, p in sim.model.named_parameters() if p.requires_grad} if name == "scaffold" else set()
+    assert set(grid.payloads) == {(r, k) for r in (1, 2) for k in (0, 1)}
+    for (r, k), keys in grid.payloads.items():
+        content = grid.replies[(r, k)].content
+        assert keys == expected, (r, k)
+        assert (set(content["extra"].keys()) if "extra" in content else set()) == expected, (r, k)
+
+
+def test_a_scaffold_reply_with_a_nan_extra_is_dropped_and_the_rest_aggregated(folders, tmp_path, caplog):
+    """SCAFFOLD, min-replies 1: in round 2 client 1's control-variate change holds a NaN. It is
+    refused and recorded; round 2 is the strategy's aggregate of client 0's reply alone."""
+    config = strategy_config("scaffold")
+
+    def poison(r, node, reply):
+        if r == 2 and node == 11:
+            extra = to_state(reply.content["extra"])
+            extra["fc.bias"] = extra["fc.bias"].clone()
+            extra["fc.bias"][0] = float("nan")
+            reply.content["extra"] = to_record(extra)
+        return reply
+
+    grid = FakeGrid(folders["sites"], run_config_from_config(config), poison)
+    server = _serve(config, folders, tmp_path / "flower", grid, FaultPolicy(min_replies=1))
+    h = _history(tmp_path / "flower")
+    dropped = h[h["metric"].str.startswith("dropped_")]
+    assert dropped[["round", "client", "metric"]].values.tolist() == [[2, "1", "dropped_refused"]]
+    assert re.search(r"client 1 \(node 11\) refused: client 1 \(node 11\): its 'extra' record does not fit the "
+                     r"payload sent to it: 'fc.bias' holds 1 NaN", caplog.text)
+
+    # The oracle: a fresh strategy fed the same replies (both in round 1, client 0's in round 2).
+    fresh = ServerRun(config, folders["val"], folders["test"], tmp_path / "unused")
+    state = fresh.global_state
+    for r, clients in ((1, (0, 1)), (2, (0,))):
+        for k in (0, 1):                     # as the server: a payload for every client it sends to
+            fresh.strategy.payload(k, state)
+        updates = []
+        for k in clients:
+            content = grid.replies[(r, k)].content
+            updates.append(ClientUpdate(to_state(content["arrays"]), int(content["metrics"]["num-examples"]),
+                                        float(content["metrics"]["train_loss"]), client_id=k,
+                                        extra=to_state(content["extra"])))
+        state = fresh.strategy.aggregate(state, updates, r)
+    for k, v in state.items():
+        assert torch.equal(server.global_state[k].cpu(), v.cpu()), k
+
+
+def test_a_scaffold_site_expects_its_payload_and_replies_with_its_extra(folders):
+    """The ClientApp of a SCAFFOLD run refuses a message without the payload its strategy expects;
+    given one (one tensor per trainable exchanged parameter), it replies with an extra of the same
+    names, the change of its control variate."""
+    config = strategy_config("scaffold")
+    ctx = Context(run_id=1, node_id=11, node_config={"data-dir": str(folders["sites"][1]), "client-id": 1},
+                  state=RecordDict(), run_config=run_config_from_config(config))
+    torch.manual_seed(config.seed)
+    model = fedxray.build_model(14, None)
+    state = get_state(model, exchanged_keys(model))
+    trainable = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+    message = RecordDict({"arrays": to_record(state),
+                          "config": ConfigRecord({"server-round": 1, "trunk-digest": trunk_digest(model)})})
+    client_app._sites.clear()
+    with pytest.raises(MessageError, match=r"client 1: the server's train message: the message holds records "
+                                           r"\['arrays', 'config'\], expected \['arrays', 'config', 'payload'\]"):
+        client_app.app(_train_message_to(message), ctx)
+    message["payload"] = to_record({k: torch.zeros_like(v) for k, v in trainable.items()})
+    reply = client_app.app(_train_message_to(message), ctx)
+    assert set(reply.content.keys()) == {"arrays", "config", "metrics", "extra"}
+    extra = to_state(reply.content["extra"])
+    assert set(extra) == set(trainable) and set(trainable) < set(state)
+    assert all(extra[k].shape == v.shape and bool(torch.isfinite(extra[k]).all()) for k, v in trainable.items())
+    assert any(bool(extra[k].abs().sum() > 0) for k in extra)
 
 
 def test_a_silent_client_stops_a_strict_run_keeping_the_last_checkpoint(folders, tmp_path):
@@ -369,7 +558,7 @@ def test_min_replies_drops_silent_offline_and_refused_clients_and_records_them(f
         return reply
 
     grid = FakeGrid(sites, run_config_from_config(config), faults)
-    real_refresh = FedXrayAvg.refresh
+    real_refresh = FedXrayStrategy.refresh
 
     def refresh(self, g):
         if g.round >= 2:                    # after round 2's messages: node 11 disconnects
@@ -378,7 +567,7 @@ def test_min_replies_drops_silent_offline_and_refused_clients_and_records_them(f
 
     out = tmp_path / "tolerant"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(FedXrayAvg, "refresh", refresh)
+        mp.setattr(FedXrayStrategy, "refresh", refresh)
         server = _serve(config, {**folders, "sites": sites}, out, grid, FaultPolicy(2, 0.5))
     h = _history(out)
     dropped = h[h["metric"].str.startswith("dropped_")]
@@ -398,10 +587,12 @@ def test_min_replies_drops_silent_offline_and_refused_clients_and_records_them(f
     assert load_checkpoint(out / "checkpoint.pt")["round"] == 3 and (out / "final_model.pt").exists()
 
 
-def test_a_restarted_server_resumes_to_the_uninterrupted_result(folders, tiny_splits, tmp_path):
-    """Killed after round 1 (in round 2), restarted: the same weights and history as one
-    uninterrupted in-process run; a restart with other inputs is refused, naming what changed."""
-    config = Config(**{**TINY, "num_rounds": 3})
+@pytest.mark.parametrize("name", ["fedadam", "scaffold"])
+def test_a_restarted_server_resumes_to_the_uninterrupted_result(name, folders, tiny_splits, tmp_path):
+    """Killed after round 1 (in round 2), restarted: the same weights, history and strategy server
+    state (FedAdam's moments, SCAFFOLD's control variates) as one uninterrupted in-process run; a
+    restart with other inputs is refused, naming what changed."""
+    config = strategy_config(name, num_rounds=3)
     out = tmp_path / "restarted"
 
     def killed(r, node, reply):
@@ -424,7 +615,7 @@ def test_a_restarted_server_resumes_to_the_uninterrupted_result(folders, tiny_sp
     clients = {k: digests[f"client_{k}"] for k in (0, 1)}
     with pytest.raises(CheckpointError, match=r"other images or labels for client_1"):
         server.start({0: 12, 1: 9}, {**clients, 1: "0" * 64})
-    other = ServerRun(Config(**{**TINY, "num_rounds": 3, "lr": 1e-2}), folders["val"], folders["test"], out)
+    other = ServerRun(dataclasses.replace(config, lr=config.lr / 2), folders["val"], folders["test"], out)
     with pytest.raises(CheckpointError, match=r"another configuration.*'lr'"):
         other.start({0: 12, 1: 9}, clients)
     data = bytearray((out / "checkpoint.pt").read_bytes())
@@ -437,7 +628,7 @@ def test_a_restarted_server_resumes_to_the_uninterrupted_result(folders, tiny_sp
 def test_a_restarted_supernode_takes_over_its_client_only_with_the_same_data(folders, tmp_path):
     config = Config(**TINY)
     grid = FakeGrid(folders["sites"], run_config_from_config(config))
-    strategy = FedXrayAvg(config, [], FaultPolicy(round_timeout=0.5))
+    strategy = FedXrayStrategy(config, make_strategy("fedavg", num_clients=2), FaultPolicy(round_timeout=0.5))
     client_app._sites.clear()
     strategy.connect(grid)
     assert strategy.node_of == {0: 10, 1: 11}
@@ -626,20 +817,18 @@ def test_a_query_claiming_more_examples_than_any_hospital_holds_is_refused():
 
 def test_two_clients_with_the_same_data_cannot_start_a_run():
     from fedxray.flower.records import QueryAnswer
-    from fedxray.flower.strategy import FedXrayAvg
 
     class Grid:
         def get_node_ids(self):
             return [10, 11]
-    strategy = FedXrayAvg(Config(num_clients=2), list(_sent()))
+    strategy = FedXrayStrategy(Config(num_clients=2), make_strategy("fedavg", num_clients=2))
     strategy._query = lambda grid, nodes: {10: QueryAnswer(0, 30, "ab" * 32), 11: QueryAnswer(1, 30, "ab" * 32)}
     with pytest.raises(ValueError, match=r"clients \[0, 1\] hold the same images and labels"):
         strategy.connect(Grid())
 
 
 def test_a_poisoned_global_model_is_blamed_on_the_server_by_the_client(tiny_splits):
-    run = fedxray.federated.FederatedRun(Config(**TINY), tiny_splits["train"], tiny_splits["val"],
-                                         tiny_splits["test"], "unused")
+    run = fedxray.federated.FederatedRun(prepare(Config(**TINY), tiny_splits), "unused")
     poisoned = {**run.global_state, "fc.bias": torch.full((14,), -3e5)}   # finite, within the bounds
     with pytest.raises(fedxray.DivergenceError, match="already has a loss of .* before any local step.*server's "
                                                       "model is corrupt or poisoned"):
@@ -661,7 +850,7 @@ def test_a_diverged_average_is_not_saved_and_not_blamed_on_the_lr_alone(tiny_spl
     state = dict(server.global_state)
     weight = state["fc.weight"].clone()
     weight[:, ::2], weight[:, 1::2] = 3e38, -3e38                    # finite, but inf - inf logits
-    with pytest.raises(fedxray.DivergenceError, match=r"round 1, the average .*poisoned within the checks' "
-                                                      r"bounds; nothing of round 1 was saved"):
+    with pytest.raises(fedxray.DivergenceError, match=r"round 1, the fedavg aggregate .*poisoned within the "
+                                                      r"checks' bounds; nothing of round 1 was saved"):
         server.evaluate_round(1, to_record({**state, "fc.weight": weight}))
     assert fedxray.checkpoint.load_checkpoint(tmp_path / "out" / "checkpoint.pt")["round"] == 0

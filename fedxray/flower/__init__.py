@@ -1,5 +1,6 @@
 """fedxray on Flower (the `flwr` package): a ServerApp and a ClientApp that are thin drivers over
-fedxray's Client, fedavg and metrics, for hospitals that each keep their images on their own machine.
+fedxray's Client, strategies (fedxray.strategies) and metrics, for hospitals that each keep their
+images on their own machine.
 
 Importing this package does not import flwr (the helpers below work without it); the apps live in
 fedxray.flower.server_app and fedxray.flower.client_app, which need `pip install -e ".[flower]"`.

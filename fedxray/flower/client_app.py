@@ -1,6 +1,7 @@
 """The Flower ClientApp of one hospital: it reads only its own NIH-layout folder (the SuperNode's
-node config data-dir), trains layer4 + fc with fedxray's Client, and replies with the exchanged
-state and three numbers (client id, number of examples, training loss). No image or label leaves.
+node config data-dir), trains layer4 + fc with fedxray's Client on its strategy's objective, and
+replies with the exchanged state, three numbers (client id, number of examples, training loss)
+and the objective's extra tensors (SCAFFOLD's control-variate change). No image or label leaves.
 
 Every server message is checked before it is used (fedxray.flower.records.check_train_message).
 The deployment engine starts a fresh process for every message, so with image_cache or
@@ -22,13 +23,11 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from ..cache import build_image_cache
 from ..checkpoint import image_list_digest
 from ..client import Client
 from ..config import Config
-from ..data import LABELS, DataError, NIHDataset, load_nih
-from ..features import build_feature_cache
-from ..model import build_model
+from ..data import DataError, load_nih
+from ..parts import DataSource, model_for, strategy_for
 from .records import check_train_message, check_trunk, query_reply, train_reply
 from .runconfig import (CACHE_DIR, NodeSettings, check_supported, config_from_run_config, log_to_flower,
                         node_settings)
@@ -38,10 +37,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Site:
-    """One hospital as its ClientApp sees it: its usable examples and a Client over them."""
+    """One hospital as its ClientApp sees it: its usable examples, a Client over them that minimises
+    its strategy's objective, and the payload it expects from the server."""
     frame: pd.DataFrame   # the rows it trains on (the image cache leaves undecodable images out)
     client: Client
     digest: str           # image_list_digest(frame): what the server stores and compares on resume
+    # The names, shapes and dtypes of the strategy's payload for this client (SCAFFOLD: one
+    # correction per trainable exchanged parameter; empty for most strategies).
+    payload: dict[str, torch.Tensor]
 
 
 # One Site per process, reused while the run config and node config stay the same. The deployment
@@ -49,16 +52,15 @@ class Site:
 _sites: dict[str, Site] = {}
 
 
-def usable_frame(config: Config, node: NodeSettings):
-    """The hospital's metadata rows it can train on, and its image cache (None when off). With a
-    cache, images that cannot be decoded are excluded (logged), so the count the query reports is
-    the count that training weighs."""
+def site_data(config: Config, node: NodeSettings) -> tuple[pd.DataFrame, DataSource]:
+    """The hospital's metadata rows it can train on, and the DataSource that serves them (its
+    caches in the node's cache folder). With a cache, images that cannot be decoded are excluded
+    (logged), so the count the query reports is the count that training weighs."""
     frame = load_nih(node.data_dir)
-    if not (config.image_cache or config.feature_cache):
-        return frame, None
-    _check_writable(node.cache_dir)
-    cache = build_image_cache(frame, config.image_size, node.cache_dir, progress=False)
-    return cache.usable(frame), cache
+    if config.image_cache or config.feature_cache:
+        _check_writable(node.cache_dir)
+    source = DataSource(config, [frame], cache_dir=node.cache_dir)
+    return source.usable(frame), source
 
 
 def _check_writable(folder: Path) -> None:
@@ -71,26 +73,23 @@ def _check_writable(folder: Path) -> None:
 
 
 def load_site(config: Config, node: NodeSettings) -> Site:
-    """The Site of this node, built as FederatedRun builds its clients (same seed, same model)."""
+    """The Site of this node, built as fedxray.parts builds the in-process clients (same seed,
+    same model, same strategy objective)."""
     key = json.dumps([str(node.data_dir), node.client_id, str(node.cache_dir), config.to_dict()], sort_keys=True)
     if key in _sites:
         return _sites[key]
     check_supported(config)
     c = config
     device = c.resolve_device()
-    torch.manual_seed(c.seed)   # the same random init as the server's (checked by the trunk digest)
-    model = build_model(len(LABELS), c.weights).to(device)
-    frame, cache = usable_frame(c, node)
-    if cache is None:
-        dataset = NIHDataset(frame, c.image_size, preload=c.preload)
-    elif not c.feature_cache:
-        dataset = cache.dataset(frame)
-    else:   # on disk, so the next message's process reads it instead of running the trunk again
-        features = build_feature_cache(model, cache.dataset(frame), device, placement="disk",
-                                       dtype=getattr(torch, c.feature_dtype), amp_dtype=c.resolve_amp(device),
-                                       batch_size=c.eval_batch_size, progress=False)
-        dataset = features.dataset(frame)
-    site = Site(frame, Client.from_config(node.client_id, dataset, model, c, device), image_list_digest(frame))
+    model = model_for(c, device)   # the same random init as the server's (checked by the trunk digest)
+    frame, source = site_data(c, node)
+    # On disk, so the next message's process reads the features instead of running the trunk again.
+    source.compute_features(model, [frame], device, c.resolve_amp(device), placement="disk")
+    strategy = strategy_for(c, model)   # stateless here: only its objective and the payload's form
+    client = Client.from_config(node.client_id, source.dataset(frame), model, c, device, strategy.objective)
+    own = model.state_dict()
+    payload = strategy.payload(node.client_id, {k: own[k].detach().cpu() for k in client.keys})
+    site = Site(frame, client, image_list_digest(frame), {k: v.detach().cpu() for k, v in payload.items()})
     _sites.clear()
     _sites[key] = site
     return site
@@ -104,13 +103,14 @@ def query(msg: Message, context: Context) -> Message:
     """Which client this node is, how many usable examples it holds, and their image-list digest."""
     log_to_flower()
     node = node_settings(context.node_config)
-    frame, _ = usable_frame(config_from_run_config(context.run_config), node)
+    frame, _ = site_data(config_from_run_config(context.run_config), node)
     return Message(query_reply(node.client_id, len(frame), image_list_digest(frame)), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round of local training from the global layer4 + fc, after checking what the server sent."""
+    """One round of local training from the global layer4 + fc (and the strategy's payload), after
+    checking what the server sent; the reply carries the objective's extra tensors, if any."""
     log_to_flower()
     node = node_settings(context.node_config)
     config = config_from_run_config(context.run_config)
@@ -119,10 +119,10 @@ def train(msg: Message, context: Context) -> Message:
     setup = time.perf_counter() - start
     client = site.client
     own = client.model.state_dict()
-    sent = check_train_message(msg.content, {k: own[k] for k in client.keys}, node.client_id)
+    sent = check_train_message(msg.content, {k: own[k] for k in client.keys}, node.client_id, site.payload)
     check_trunk(client.model, sent.trunk_digest, node.client_id)
     start = time.perf_counter()
-    update = client.fit(sent.state, round_num=sent.server_round)
+    update = client.fit(sent.state, round_num=sent.server_round, payload=sent.payload)
     log.info("client %d, round %d: %d examples, train loss %.4f; fit %.2f s after %.2f s of setup (model, data%s)",
              node.client_id, sent.server_round, update.num_examples, update.train_loss,
              time.perf_counter() - start, setup, ", caches" if config.image_cache or config.feature_cache else "")

@@ -1,7 +1,10 @@
 """What crosses the network, as Flower records, and the checks on everything read back.
 
 The exchanged state (layer4 + fc) travels as an ArrayRecord, numbers as a MetricRecord, text as
-a ConfigRecord. Nothing a peer sends is trusted: every message is checked against what its
+a ConfigRecord. A strategy's extra tensors travel as their own ArrayRecords: "payload" in a train
+message (what fedxray's Strategy.payload gives that client, e.g. SCAFFOLD's correction), "extra"
+in its reply (ClientUpdate.extra, e.g. the change of SCAFFOLD's control variate); each is there
+exactly when it is not empty. Nothing a peer sends is trusted: every message is checked against what its
 receiver expects (record and key names, the keys, shapes and dtypes of its own model, finite
 values, plausible sizes, the sender's identity), and a message that fails is refused with a
 MessageError naming the sender and the remedy. The checks are pure functions over records.
@@ -16,12 +19,12 @@ from typing import Any, Mapping, Optional
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor, nn
 
-from ..aggregation import fedavg
 from ..client import DIVERGED_LOSS, ClientUpdate
 from ..model import state_problems, trunk_digest
 
 # Record keys. "num-examples" is also what Flower's FedAvg weights by (its weighted_by_key).
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
+PAYLOAD, EXTRA = "payload", "extra"   # the strategy's tensors: server -> client, client -> server
 NUM_EXAMPLES, TRAIN_LOSS, CLIENT_ID = "num-examples", "train_loss", "client-id"
 SERVER_ROUND, TRUNK_DIGEST = "server-round", "trunk-digest"
 IMAGE_LIST_DIGEST = "image-list-digest"   # fedxray.checkpoint.image_list_digest of a client's data
@@ -60,15 +63,28 @@ def to_state(record: ArrayRecord) -> dict[str, Tensor]:
     return dict(record.to_torch_state_dict())
 
 
+def train_message(state: ArrayRecord, config: ConfigRecord, payload: Mapping[str, Tensor]) -> RecordDict:
+    """The content of the server's train message to one client: the global state, the round's
+    settings, and that client's payload from the strategy (left out when empty)."""
+    content = RecordDict({ARRAYS: state, CONFIG: config})
+    if payload:
+        content[PAYLOAD] = to_record(payload)
+    return content
+
+
 def train_reply(update: ClientUpdate, client_id: int, image_digest: str) -> RecordDict:
-    """The content of a client's train reply: its exchanged state, three numbers and the digest of
-    the image list it trained on (so a site whose data changed is caught whatever its node id)."""
-    return RecordDict({
+    """The content of a client's train reply: its exchanged state, three numbers, the digest of
+    the image list it trained on (so a site whose data changed is caught whatever its node id) and
+    its objective's extra tensors (left out when empty)."""
+    content = RecordDict({
         ARRAYS: to_record(update.state),
         METRICS: MetricRecord({NUM_EXAMPLES: int(update.num_examples),
                                TRAIN_LOSS: float(update.train_loss), CLIENT_ID: int(client_id)}),
         CONFIG: ConfigRecord({IMAGE_LIST_DIGEST: str(image_digest)}),
     })
+    if update.extra:
+        content[EXTRA] = to_record(update.extra)
+    return content
 
 
 def query_reply(client_id: int, num_examples: int, image_digest: str) -> RecordDict:
@@ -134,12 +150,17 @@ def _digest(value: Any, key: str, who: str, remedy: str) -> str:
     return value
 
 
-def _state(record: ArrayRecord, who: str, remedy: str) -> dict[str, Tensor]:
+def _state(record: ArrayRecord, who: str, remedy: str, name: str = ARRAYS) -> dict[str, Tensor]:
     try:
         return to_state(record)
     except Exception as e:   # a foreign dtype or serialization: numpy/torch say why
-        raise MessageError(f"{who}: its arrays cannot be read as tensors ({type(e).__name__}: {e}); "
+        raise MessageError(f"{who}: its record {name!r} cannot be read as tensors ({type(e).__name__}: {e}); "
                            f"{remedy}") from None
+
+
+def _expected_records(base: Mapping[str, type], optional: str, present: bool) -> dict[str, type]:
+    """The records a message must hold: base, plus the strategy's ArrayRecord when it has tensors."""
+    return {**base, optional: ArrayRecord} if present else dict(base)
 
 
 @dataclass(frozen=True)
@@ -168,14 +189,22 @@ def check_query_reply(content: RecordDict, node_id: int, num_clients: int) -> Qu
 
 
 def check_train_reply(content: RecordDict, *, client_id: int, node_id: int, num_examples: int,
-                      image_digest: str, sent: Mapping[str, Tensor], max_steps: int) -> ClientUpdate:
+                      image_digest: str, sent: Mapping[str, Tensor], max_steps: int,
+                      payload: Optional[Mapping[str, Tensor]] = None) -> ClientUpdate:
     """The ClientUpdate of a train reply from the node that holds client_id, after checking it:
     exactly the records and metrics of train_reply; the client id the node answered at the query;
-    the example count and image-list digest it reported then; a loss from 0 to DIVERGED_LOSS; the keys, shapes and dtypes
-    of the state sent, finite values, and an update within the bounds of update_problems."""
+    the example count and image-list digest it reported then; a loss from 0 to DIVERGED_LOSS; the
+    keys, shapes and dtypes of the state sent, finite values, and an update within the bounds of
+    update_problems; and an "extra" record exactly when the server sent that client a payload, with
+    the payload's names, shapes and dtypes and finite values."""
     who = f"client {client_id} (node {node_id})"
     remedy = _SAME_VERSION
-    _records(content, {ARRAYS: ArrayRecord, METRICS: MetricRecord, CONFIG: ConfigRecord}, who, remedy)
+    payload = dict(payload or {})
+    base = {ARRAYS: ArrayRecord, METRICS: MetricRecord, CONFIG: ConfigRecord}
+    _records(content, _expected_records(base, EXTRA, bool(payload)), who,
+             f"{remedy}, with the same strategy (the server sent this client " +
+             ("a payload, so its reply must carry an extra record)" if payload else
+              "no payload, so its reply may carry no extra record)"))
     _keys(content[CONFIG], CONFIG, {IMAGE_LIST_DIGEST}, who, remedy)
     if content[CONFIG][IMAGE_LIST_DIGEST] != image_digest:
         raise MessageError(f"{who}: it trained on other images or labels than it reported at the start of the "
@@ -210,7 +239,16 @@ def check_train_reply(content: RecordDict, *, client_id: int, node_id: int, num_
         raise MessageError(f"{who}: its update is far beyond what one round of training produces: "
                            f"{'; '.join(problems[:3])}. Its reply is corrupt or forged: check that site's "
                            f"fedxray version and log before it takes part again")
-    return ClientUpdate(state=state, num_examples=n, train_loss=loss)
+    extra = {}
+    if payload:
+        extra = _state(content[EXTRA], who, remedy, EXTRA)
+        problems = state_problems(extra, payload)
+        if problems:
+            raise MessageError(f"{who}: its {EXTRA!r} record does not fit the payload sent to it: "
+                               f"{'; '.join(problems[:3])}. A NaN or infinity means its training diverged (see "
+                               f"its log); wrong names, shapes or dtypes mean another strategy or fedxray version: "
+                               f"{remedy}, with the same strategy")
+    return ClientUpdate(state=state, num_examples=n, train_loss=loss, client_id=client_id, extra=extra)
 
 
 @dataclass(frozen=True)
@@ -218,15 +256,22 @@ class TrainInstruction:
     state: dict[str, Tensor]
     server_round: int
     trunk_digest: str
+    payload: dict[str, Tensor]   # the strategy's tensors for this client; empty for most strategies
 
 
-def check_train_message(content: RecordDict, reference: Mapping[str, Tensor], client_id: int) -> TrainInstruction:
+def check_train_message(content: RecordDict, reference: Mapping[str, Tensor], client_id: int,
+                        payload_reference: Optional[Mapping[str, Tensor]] = None) -> TrainInstruction:
     """What a client accepts from the server: the global state with the keys, shapes and dtypes of
-    its own model's exchanged state (reference) and finite values, a server round >= 1 and the
-    server's trunk digest (required: without it the trunk check would be skipped)."""
+    its own model's exchanged state (reference) and finite values, a server round >= 1, the
+    server's trunk digest (required: without it the trunk check would be skipped), and a "payload"
+    record exactly when its strategy sends one (payload_reference: the names, shapes and dtypes it
+    expects, e.g. SCAFFOLD's correction for each trainable exchanged parameter), finite."""
     who = f"client {client_id}: the server's train message"
     remedy = _SAME_VERSION
-    _records(content, {ARRAYS: ArrayRecord, CONFIG: ConfigRecord}, who, remedy)
+    payload_reference = dict(payload_reference or {})
+    _records(content, _expected_records({ARRAYS: ArrayRecord, CONFIG: ConfigRecord}, PAYLOAD, bool(payload_reference)),
+             who, f"{remedy}, with the same strategy (this site's strategy "
+             f"{'expects a payload' if payload_reference else 'expects no payload'}); nothing was trained")
     config = content[CONFIG]
     missing = [k for k in (SERVER_ROUND, TRUNK_DIGEST) if k not in config]
     if missing:
@@ -241,17 +286,17 @@ def check_train_message(content: RecordDict, reference: Mapping[str, Tensor], cl
                            f"{'; '.join(problems[:3])}. The server is the source, not this site's data or "
                            f"training: a NaN or infinity means the server's model is corrupt (restart it from "
                            f"its last good checkpoint); wrong keys, shapes or dtypes mean another model: {remedy}")
-    return TrainInstruction(state, r, digest)
-
-
-# --------------------------------------------------------------------------- aggregation
-
-def aggregate(updates: Mapping[int, ClientUpdate]) -> tuple[dict[str, Tensor], list[tuple[int, ClientUpdate]]]:
-    """fedxray.fedavg over checked updates {client id: update}, in client-id order (as the
-    in-process run sums them). Returns the new global state and the (client id, update) pairs."""
-    pairs = sorted(updates.items())
-    state = fedavg([u.state for _, u in pairs], [u.num_examples for _, u in pairs])
-    return state, pairs
+    payload = {}
+    if payload_reference:
+        payload = _state(content[PAYLOAD], who, remedy, PAYLOAD)
+        problems = state_problems(payload, payload_reference)
+        if problems:
+            raise MessageError(f"{who} (round {r}) holds a {PAYLOAD!r} this client cannot use: "
+                               f"{'; '.join(problems[:3])}. The server is the source: a NaN or infinity means its "
+                               f"strategy state is corrupt (restart it from its last good checkpoint); wrong names, "
+                               f"shapes or dtypes mean another strategy or model: {remedy}, with the same "
+                               f"strategy; nothing was trained")
+    return TrainInstruction(state, r, digest, payload)
 
 
 def check_trunk(model: nn.Module, expected: str, client_id: int) -> None:

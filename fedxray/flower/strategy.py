@@ -1,6 +1,8 @@
-"""Flower's FedAvg with fedxray's client sampling, aggregation and checks, so a Flower run
-computes what the in-process FederatedRun computes, and a round survives the hospitals that fail
-as far as the run's FaultPolicy allows."""
+"""The Flower Strategy of fedxray: fedxray's client sampling, checks and fault handling around a
+fedxray Strategy object (fedxray.strategies, the one the in-process run uses), which decides what
+each client is sent besides the global state and how the replies combine. A Flower run thus
+computes what the in-process FederatedRun computes, for every strategy, and a round survives the
+hospitals that fail as far as the run's FaultPolicy allows."""
 from __future__ import annotations
 
 import logging
@@ -12,13 +14,15 @@ from typing import Callable, Iterable, Optional, Sequence
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from ..client import ClientUpdate
 from ..config import Config
 from ..federated import sample_clients
-from .records import (NUM_EXAMPLES, SERVER_ROUND, TRAIN_LOSS, MessageError, QueryAnswer, aggregate,
-                      check_query_reply, check_train_reply, to_record, to_state)
+from ..history import message_bytes
+from ..strategies import Strategy
+from .records import (SERVER_ROUND, TRAIN_LOSS, MessageError, QueryAnswer, check_query_reply, check_train_reply,
+                      to_record, to_state, train_message)
 from .runconfig import FaultPolicy
 
 log = logging.getLogger(__name__)
@@ -51,36 +55,42 @@ class Dropped:
         return f"client {self.client_id} (node {self.node_id}) {self.why}: {self.reason}"
 
 
-# Called after each round's aggregation with (round, client ids, their updates, dropped clients).
-OnTrain = Callable[[int, list[int], list[ClientUpdate], list[Dropped]], None]
+# Called after each round's aggregation with (round, client ids, their updates, dropped clients,
+# the bytes of each message the round sent: one per client sent to, the dropped ones included).
+OnTrain = Callable[[int, list[int], list[ClientUpdate], list[Dropped], list[int]], None]
 
 
-class FedXrayAvg(FedAvg):
-    """FedAvg whose aggregation is fedxray.fedavg and whose sampling is fedxray's.
+class FedXrayStrategy(FlowerStrategy):
+    """A Flower Strategy over a fedxray Strategy: fedxray's sampling, checks and fault handling.
 
     - Identity: nodes report their client id, usable example count and image-list digest once
       (a query); a node that connects later (a restarted SuperNode) is queried and takes over its
       client when its count and digest are the ones reported before.
     - Sampling: each round trains the clients fedxray.federated.sample_clients picks for
       (num_clients, fraction_fit, seed, round), by fedxray client id.
+    - Messages: each sampled client gets the global state and, when the fedxray strategy has one
+      for it (strategy.payload(k, global_state), e.g. SCAFFOLD's correction), its own payload.
     - Checks: every reply must come from the node asked, claim that node's client id and the
       example count reported at the query, and carry the keys, shapes and dtypes of the global
-      state with finite values and a plausible update (fedxray.flower.records.check_train_reply).
+      state with finite values and a plausible update, and exactly the extra tensors its payload
+      calls for (fedxray.flower.records.check_train_reply).
     - Faults: a client that is offline, does not answer within round-timeout, fails, or sends a
       refused reply is dropped from the round and recorded; the round is aggregated over the rest
       when at least min-replies remain (default: every sampled client), else RoundFailed.
-    - Aggregation: fedxray.fedavg over the valid replies in client-id order: float64 sums, example
-      weights, integer buffers rounded (Flower's own FedAvg sums in float32 in arrival order and
-      turns num_batches_tracked into a float64 array). No federated evaluation: the server
-      evaluates the global model centrally.
+    - Aggregation: strategy.aggregate(global state sent, valid updates in client-id order, round),
+      the very code the in-process run calls, so its server state (momentum, moments, control
+      variates) moves here too. (Flower's own FedAvg sums in float32 in arrival order and turns
+      num_batches_tracked into a float64 array.) No federated evaluation: the server evaluates the
+      global model centrally.
     """
 
-    def __init__(self, config: Config, keys: Sequence[str], faults: FaultPolicy = FaultPolicy(),
+    def __init__(self, config: Config, strategy: Strategy, faults: FaultPolicy = FaultPolicy(),
                  on_train: Optional[OnTrain] = None):
-        super().__init__(fraction_train=config.fraction_fit, fraction_evaluate=0.0, min_train_nodes=1,
-                         min_available_nodes=config.num_clients, weighted_by_key=NUM_EXAMPLES)
+        if strategy.name != config.strategy:
+            raise ValueError(f"strategy {strategy.name!r} given for a config of strategy {config.strategy!r}: "
+                             f"build it with fedxray.parts.strategy_for(config, model)")
         self.config = config
-        self.keys = list(keys)
+        self.strategy = strategy
         self.faults = faults
         self.on_train = on_train
         self.node_of: dict[int, int] = {}           # client id -> node id
@@ -89,6 +99,8 @@ class FedXrayAvg(FedAvg):
         self.ignored_nodes: set[int] = set()        # nodes whose answers were refused
         self.chosen: list[int] = []                 # the round's sampled clients
         self.sent: dict = {}                        # the global state sent this round
+        self.payloads: dict[int, dict] = {}         # client id -> the payload sent to it this round
+        self.sent_bytes: dict[int, int] = {}        # client id -> bytes of the message sent to it
         self.asked: dict[str, int] = {}             # message id -> client id, this round
         self.offline: list[Dropped] = []            # sampled clients not sent anything
 
@@ -203,6 +215,8 @@ class FedXrayAvg(FedAvg):
     # ------------------------------------------------------------------ one round
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        """One message per sampled, connected client: the global state, config (with the round) and
+        that client's payload from the fedxray strategy, when it has one."""
         c = self.config
         online = self.refresh(grid)
         self.chosen = sample_clients(c.num_clients, c.fraction_fit, c.seed, server_round)
@@ -212,13 +226,15 @@ class FedXrayAvg(FedAvg):
         targets = [k for k in self.chosen if self.node_of[k] in online]
         log.info("round %d: training clients %s", server_round, targets)
         config[SERVER_ROUND] = server_round
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self._construct_messages(record, [self.node_of[k] for k in targets], MessageType.TRAIN)
+        self.payloads = {k: self.strategy.payload(k, self.sent) for k in targets}
+        self.sent_bytes = {k: message_bytes(self.sent, self.payloads[k]) for k in targets}
+        return [Message(content=train_message(arrays, config, self.payloads[k]), dst_node_id=self.node_of[k],
+                        message_type=MessageType.TRAIN) for k in targets]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
-        """fedxray.fedavg over the round's valid replies; the other sampled clients are dropped
-        (logged and passed to on_train), or RoundFailed when fewer than min-replies remain."""
+        """The fedxray strategy's aggregate of the round's valid replies; the other sampled clients
+        are dropped (logged and passed to on_train), or RoundFailed when fewer than min-replies remain."""
         c = self.config
         by_node = {n: k for k, n in self.node_of.items()}
         accepted: dict[int, ClientUpdate] = {}
@@ -240,7 +256,7 @@ class FedXrayAvg(FedAvg):
                     accepted[k] = check_train_reply(
                         m.content, client_id=k, node_id=m.metadata.src_node_id,
                         num_examples=self.client_examples[k], image_digest=self.client_digests[k],
-                        sent=self.sent,
+                        sent=self.sent, payload=self.payloads.get(k, {}),
                         max_steps=c.local_epochs * math.ceil(self.client_examples[k] / c.batch_size))
                 except MessageError as e:
                     dropped[k] = Dropped(k, node, "refused", str(e))
@@ -259,10 +275,24 @@ class FedXrayAvg(FedAvg):
                 f"of round {server_round - 1} is kept. Dropped: " + "; ".join(map(str, gone)) +
                 ". Bring those hospitals back (or lower min-replies) and run `flwr run` again with the same "
                 "output-dir: it resumes from that checkpoint.")
-        state, pairs = aggregate(accepted)
-        ids, updates = [k for k, _ in pairs], [u for _, u in pairs]
+        ids = sorted(accepted)   # the order in which the in-process run hands them over
+        updates = [accepted[k] for k in ids]
+        state = self.strategy.aggregate(self.sent, updates, server_round)
         if self.on_train is not None:
-            self.on_train(server_round, ids, updates, gone)
+            self.on_train(server_round, ids, updates, gone, [self.sent_bytes[k] for k in sorted(self.sent_bytes)])
         n = sum(u.num_examples for u in updates)
         loss = sum(u.train_loss * u.num_examples for u in updates) / n
         return to_record(state), MetricRecord({TRAIN_LOSS: loss})
+
+    # ------------------------------------------------------------------ no federated evaluation
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """None: the server evaluates the global model on its own val and test folders."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
+        return None
+
+    def summary(self) -> None:
+        log.info("fedxray strategy %s %s; %d clients, fraction-fit %g, %s", self.strategy.name,
+                 dict(self.strategy.hyperparameters), self.config.num_clients, self.config.fraction_fit, self.faults)
