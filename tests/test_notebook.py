@@ -4,9 +4,11 @@ import json
 import pytest
 
 from conftest import ROOT
+from fedxray import config as fedxray_config
 
 NOTEBOOK = ROOT / "notebooks" / "federated_chestxray.ipynb"
-FIGURES = ("prevalence", "partition_heatmap", "loss_curves", "mean_auroc", "auroc_per_finding")
+FIGURES = ("prevalence", "partition_heatmap", "loss_curves", "mean_auroc", "auroc_per_finding",
+           "strategies_val_auroc", "strategies_test_auroc")
 
 
 def test_committed_notebook_has_a_parameters_cell_and_no_outputs():
@@ -17,7 +19,8 @@ def test_committed_notebook_has_a_parameters_cell_and_no_outputs():
         assert not c.get("outputs") and c.get("execution_count") is None
     params = "".join(code[0]["source"])
     for name in ("data_dir", "output_dir", "num_clients", "num_rounds", "local_epochs", "fraction_fit",
-                 "batch_size", "lr", "image_size", "partition", "alpha", "seed", "weights", "max_images"):
+                 "batch_size", "lr", "image_size", "partition", "alpha", "seed", "weights", "max_images",
+                 "strategy", "compare", *fedxray_config.STRATEGY_FIELDS):
         assert f"\n{name} = " in "\n" + params, name
 
 
@@ -29,8 +32,9 @@ def test_notebook_runs_on_demo_data(tmp_path):
         str(NOTEBOOK), str(tmp_path / "executed.ipynb"), kernel_name="python3", cwd=str(ROOT),
         progress_bar=False,
         parameters=dict(data_dir="demo", output_dir=str(out), num_clients=2, num_rounds=1,
-                        max_images=40, image_size=64, batch_size=16, copy_figures_to=str(tmp_path / "copies")))
-    for run in ("fedavg", "centralized", "local_only/client_0", "local_only/client_1"):
+                        max_images=40, image_size=64, batch_size=16, copy_figures_to=str(tmp_path / "copies"),
+                        compare=["fedavg", "fedprox"], proximal_mu=0.1, eta=0.05))   # eta: fedprox must ignore it
+    for run in ("fedavg", "centralized", "local_only/client_0", "local_only/client_1", "compare/fedprox"):
         for name in ("history.csv", "config.json", "final_model.pt"):
             assert (out / run / name).stat().st_size > 0, f"{run}/{name}"
     assert (out / "test_auroc.csv").stat().st_size > 0
@@ -40,6 +44,9 @@ def test_notebook_runs_on_demo_data(tmp_path):
         assert (tmp_path / "copies" / f"{fig}.png").stat().st_size > 1000
     text = (tmp_path / "executed.ipynb").read_text()
     assert "synthetic demo data" in text
+    saved = json.loads((out / "compare" / "fedprox" / "config.json").read_text())
+    assert (saved["strategy"], saved["proximal_mu"], saved["eta"]) == ("fedprox", 0.1, None)
+    assert not (out / "compare" / "fedavg").exists()              # the main run is fedavg: not trained twice
 
 
 @pytest.mark.slow
