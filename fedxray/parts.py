@@ -203,17 +203,25 @@ def prepare(config: Config, splits: dict[str, pd.DataFrame],
             client_frames: Optional[Sequence[pd.DataFrame]] = None) -> RunParts:
     """Build a run's parts once: capped splits, caches, the partition (or the given client_frames),
     the model, cached features when asked, the strategy and one Client per table."""
+    capped, frames, source = client_partition(config, splits, client_frames)
+    return assemble(config, capped, frames, source)
+
+
+def assemble(config: Config, splits: dict[str, pd.DataFrame], client_frames: Sequence[pd.DataFrame],
+             source: DataSource) -> RunParts:
+    """RunParts over tables already usable in source: the seeded model, cached features of val,
+    test and every client's images when asked, the strategy and one Client per table (none for the
+    Flower server, whose clients are the hospitals)."""
     c = config
     device = c.resolve_device()
     amp_dtype = c.resolve_amp(device)
-    capped, frames, source = client_partition(c, splits, client_frames)
     model = model_for(c, device)
-    source.compute_features(model, [capped["val"], capped["test"], *frames], device, amp_dtype)
-    parts = RunParts(config=c, device=device, amp_dtype=amp_dtype, splits=capped, client_frames=frames,
+    source.compute_features(model, [splits["val"], splits["test"], *client_frames], device, amp_dtype)
+    parts = RunParts(config=c, device=device, amp_dtype=amp_dtype, splits=dict(splits), client_frames=[],
                      source=source, model=model, initial=get_state(model, exchanged_keys(model, "average")),
-                     val_data=source.dataset(capped["val"]), test_data=source.dataset(capped["test"]),
+                     val_data=source.dataset(splits["val"]), test_data=source.dataset(splits["test"]),
                      strategy=strategy_for(c, model))
-    return parts.with_clients(c, frames)
+    return parts.with_clients(c, client_frames)
 
 
 # The fields that shape a run's parts (data, caches, partition, model); the others (strategy, local

@@ -19,8 +19,7 @@ from ..config import Config
 from ..data import load_nih
 from ..federated import RUN_LOCK, checked_state, evaluate, restore_strategy
 from ..io import atomic_write_text, file_lock
-from ..model import exchanged_keys, get_state
-from ..parts import DataSource, RunParts, model_for, strategy_for
+from ..parts import DataSource, RunParts, assemble
 from .records import TRUNK_DIGEST, to_record, to_state
 from .runconfig import (FaultPolicy, check_supported, config_from_run_config, fault_policy, log_to_flower,
                         server_paths)
@@ -34,17 +33,8 @@ def server_parts(config: Config, val: pd.DataFrame, test: pd.DataFrame) -> RunPa
     the image cache or cached features, in config.cache_dir), the seeded model and the run's
     fedxray strategy, built by the functions fedxray.parts builds the in-process run with. It
     holds no clients: their data stays at the hospitals."""
-    c = config
-    device = c.resolve_device()
-    amp_dtype = c.resolve_amp(device)
-    source = DataSource(c, [val, test])
-    val, test = source.usable(val), source.usable(test)
-    model = model_for(c, device)
-    source.compute_features(model, [val, test], device, amp_dtype)
-    return RunParts(config=c, device=device, amp_dtype=amp_dtype, splits={"val": val, "test": test},
-                    client_frames=[], source=source, model=model,
-                    initial=get_state(model, exchanged_keys(model, "average")),
-                    val_data=source.dataset(val), test_data=source.dataset(test), strategy=strategy_for(c, model))
+    source = DataSource(config, [val, test])
+    return assemble(config, {"val": source.usable(val), "test": source.usable(test)}, [], source)
 
 
 class ServerRun:
