@@ -72,14 +72,11 @@ class FederatedRun:
     """One federated experiment over prepared parts: its global state, its strategy's server
     state, and its history and checkpoints in output_dir."""
 
-    def __init__(self, parts: RunParts, output_dir: str | Path, strategy: Optional[Strategy] = None):
+    def __init__(self, parts: RunParts, output_dir: str | Path):
         self.parts = parts
         self.config = parts.config
         self.output_dir = Path(output_dir)
-        self.strategy = strategy if strategy is not None else parts.strategy
-        if self.strategy.name != self.config.strategy:
-            raise ValueError(f"strategy {self.strategy.name!r} given for a config of strategy "
-                             f"{self.config.strategy!r}: build the run from one config")
+        self.strategy = parts.strategy   # built with the parts, from their config
         self.model, self.clients = parts.model, parts.clients
         self.global_state = parts.initial_state()
         self.rows: list[dict] = []

@@ -1,7 +1,7 @@
 """The Flower ClientApp of one hospital: it reads only its own NIH-layout folder (the SuperNode's
 node config data-dir), trains layer4 + fc with fedxray's Client on its strategy's objective, and
 replies with the exchanged state, three numbers (client id, number of examples, training loss)
-and the objective's extra tensors (SCAFFOLD's control-variate change). No image or label leaves.
+and the objective's extra tensors (SCAFFOLD's new control variate). No image or label leaves.
 
 Every server message is checked before it is used (fedxray.flower.records.check_train_message).
 The deployment engine starts a fresh process for every message, so with image_cache or
