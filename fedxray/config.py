@@ -39,55 +39,211 @@ DATASET_DEFAULTS = {
 
 @dataclass
 class Config:
+    """Every hyperparameter of a run, with its default; saved as config.json next to every result
+    and inside every checkpoint and final model.
+
+    Build one with ``Config(field=value, ...)``; with ``Config.for_dataset("nih" | "demo", ...)``,
+    whose fields named in DATASET_DEFAULTS (image_size, num_rounds, test_every_round, image_cache,
+    feature_cache) take that dataset's value when given as None (the notebook's parameters cell);
+    or with ``config.with_strategy(name, **hyperparameters)``, which keeps only the hyperparameters
+    that strategy uses. Building a Config checks the values it can (ValueError naming the field);
+    the rest (weights, device, a partition the data cannot hold) fail where they are used. Config
+    refuses a strategy hyperparameter that the chosen strategy does not use (it must stay None)
+    and a combination the strategy cannot run (scaffold needs optimizer "sgd" and momentum 0).
+    A run resumes from its checkpoint only under the same config, except in RUNTIME_FIELDS
+    (device, num_workers, progress, image_cache, cache_dir, preload): they change how a run
+    executes, not what it computes, so a resume may differ in them (same_experiment).
+
+    Attributes
+    ----------
+    Federation:
+
+    num_clients : int, default 5
+        Clients (sites) the training patients are split among; >= 1 and at most the number of
+        training patients.
+    num_rounds : int, default 10
+        Federated rounds; >= 1. The global model is evaluated at round 0 (untrained) and after
+        every round. DATASET_DEFAULTS: "nih" 10, "demo" 5.
+    fraction_fit : float, default 1.0
+        Share of the clients that train each round, in (0, 1]: max(1, round(fraction_fit *
+        num_clients)) of them, drawn from (seed, round).
+    local_epochs : int, default 1
+        Passes each sampled client makes over its own data per round; >= 1.
+
+    Local optimisation (a fresh optimizer every round, as in FedAvg, McMahan et al. 2017):
+
+    batch_size : int, default 32
+        Training images per client step; >= 1.
+    lr : float, default 0.001
+        Learning rate of the client optimizer; > 0.
+    optimizer : str, default 'adam'
+        Client optimizer: "adam" or "sgd" (torch.optim.Adam, torch.optim.SGD).
+    momentum : float, default 0.9
+        SGD momentum, >= 0 and usually below 1; used only with optimizer "sgd". Strategy scaffold
+        needs 0.
+    weight_decay : float, default 0.0
+        The client optimizer's weight decay (L2 penalty added to the gradient), >= 0.
+
+    Data:
+
+    image_size : int, default 224
+        Side in pixels of the square grayscale images the model sees; >= 64 (ResNet-34
+        downsamples 32x, and layer4's BatchNorm needs more than one value per channel).
+        DATASET_DEFAULTS: "nih" 224 (what the ImageNet weights saw), "demo" 64.
+    partition : str, default 'iid'
+        How the training patients are split among the clients, whole patients at a time
+        (fedxray.partition): "iid" (shuffled and dealt round-robin), "dirichlet" (label skew: each
+        class's patients cut among clients in Dir(alpha) proportions), "column" (one site per value
+        of partition_column), "quantity" (size skew: client shares ~ Dir(alpha), labels iid).
+    alpha : float, default 0.5
+        Dirichlet concentration of partitions "dirichlet" and "quantity"; > 0, smaller = more
+        skewed. Ignored by "iid" and "column".
+    partition_column : str or None, default None
+        Metadata column whose values are the sites of partition "column"; None = "view" (PA
+        upright outpatients vs AP bedside). Must stay None for the other schemes.
+    max_images : int or None, default None
+        Cap on the training images, for quick runs: >= 1, taken as whole patients in a seeded
+        order (validation and test shrink by the same ratio); None = no cap.
+    preload : bool, default False
+        Decode every image once into memory when the datasets are built (small data only);
+        unused when a cache serves the images. In RUNTIME_FIELDS.
+
+    Strategy: how the server combines updates and what clients minimise (fedxray.strategies;
+    README "Strategies"). Hyperparameters carry Flower 1.42's names; None = the strategy's default
+    (Flower's, except where that is plain FedAvg or was measured to wreck the model). One the
+    chosen strategy does not use must stay None.
+
+    strategy : str, default 'fedavg'
+        The federated algorithm (fedxray.strategies.STRATEGIES): "fedavg", "fedprox", "fedavgm",
+        "fedadam", "fedyogi", "fedadagrad", "median", "trimmed_mean" or "scaffold".
+    proximal_mu : float or None, default None
+        fedprox: weight mu of the term (mu / 2) * ||w - w_global||^2 each client adds to its
+        loss; in [0, inf), 0 = FedAvg. None = fedprox 0.01.
+    server_learning_rate : float or None, default None
+        fedavgm, scaffold: the server's step size, > 0 (scaffold at 1.0 = FedAvg's average).
+        None = fedavgm 0.1, scaffold 1.0.
+    server_momentum : float or None, default None
+        fedavgm: server momentum, in [0, 1); 0 with server_learning_rate 1 = FedAvg. None =
+        fedavgm 0.9.
+    eta : float or None, default None
+        fedadam, fedyogi, fedadagrad: server learning rate, > 0. None = fedadam 0.01, fedyogi
+        0.01, fedadagrad 0.01.
+    beta_1 : float or None, default None
+        fedadam, fedyogi: first-moment decay, in [0, 1). None = fedadam 0.9, fedyogi 0.9.
+    beta_2 : float or None, default None
+        fedadam, fedyogi: second-moment decay, in [0, 1). None = fedadam 0.99, fedyogi 0.99.
+    tau : float or None, default None
+        fedadam, fedyogi, fedadagrad: adaptivity (added to sqrt(v)), > 0. None = fedadam 0.001,
+        fedyogi 0.001, fedadagrad 0.001.
+    beta : float or None, default None
+        trimmed_mean: fraction of client values cut at each end of every coordinate, in
+        [0, 0.5). None = trimmed_mean 0.2.
+
+    Model:
+
+    weights : str or None, default 'auto'
+        Initial ResNet-34 weights: "auto" (torchvision's ImageNet weights, else the .pth named by
+        $FEDXRAY_WEIGHTS, else random with a loud warning), "imagenet", a path to a .pth file, or
+        None (random). run_info.json records what was used.
+    bn_policy : str, default 'average'
+        layer4's BatchNorm: "average" (exchanged and averaged with the weights) or "local" (FedBN:
+        each client keeps its own statistics and affine parameters). The frozen trunk's
+        BatchNorm never moves.
+
+    Evaluation:
+
+    eval_batch_size : int, default 128
+        Images per batch when scoring validation and test, and when computing cached features;
+        >= 1 (it may exceed batch_size: no gradients are kept).
+    test_every_round : bool, default True
+        Score the test set at round 0 and after every round; False = only after the last round
+        (validation is scored every round either way). DATASET_DEFAULTS: "nih" False (25,596
+        test images), "demo" True.
+
+    Execution:
+
+    seed : int, default 0
+        The one seed of a run: the training cap, the partition, the model's initialisation, the
+        clients sampled each round and each client's batch order.
+    device : str, default 'auto'
+        torch device that trains and evaluates: "auto" = "cuda" when present, else "cpu"; or
+        any torch device string ("cpu", "cuda:1"). In RUNTIME_FIELDS.
+    amp : str, default 'auto'
+        Mixed precision: "auto" (bf16 where the GPU has it natively, fp16 on older GPUs, off on
+        the CPU), "bf16", "fp16" (with a GradScaler) or "off" (fp32).
+    num_workers : int, default 0
+        DataLoader worker processes of each client's training loader, >= 0; 0 = load in the
+        main process. In RUNTIME_FIELDS.
+    progress : bool, default True
+        Show text progress bars: one per training run (round, latest validation AUROC and the
+        client training in its postfix) and transient ones for cache builds. In RUNTIME_FIELDS.
+
+    Speed (fedxray.cache, fedxray.features):
+
+    image_cache : bool, default False
+        Decode every PNG once (grayscale, resized to image_size) into a uint8 memory map in
+        cache_dir, reused by later runs and checked row by row; results are bitwise the same. In
+        RUNTIME_FIELDS.
+        DATASET_DEFAULTS: "nih" True, "demo" True.
+    feature_cache : bool, default False
+        Run the frozen trunk once per image and train layer4 + fc on its cached layer3 output
+        (builds the image cache first); results are the same to float tolerance (float16
+        storage: to fp16 rounding of layer3's output). Kept on the GPU when it fits, else in a
+        memory-mapped file beside the image cache. DATASET_DEFAULTS: "nih" False, "demo" True.
+    feature_dtype : str, default 'float16'
+        Storage of cached features: "float16" (half the memory) or "float32". Used only with
+        feature_cache.
+    cache_dir : str or None, default None
+        Folder of the image cache. None = $FEDXRAY_CACHE_DIR, else /kaggle/working/fedxray_cache
+        on Kaggle, else data/cache in the repository (~/.cache/fedxray outside it). In
+        RUNTIME_FIELDS.
+    """
+
     # Federation
     num_clients: int = 5
     num_rounds: int = 10
-    fraction_fit: float = 1.0          # share of clients sampled each round (at least one)
+    fraction_fit: float = 1.0
     local_epochs: int = 1
-    # Local optimisation: a fresh optimizer every round, as in FedAvg (McMahan et al. 2017)
+    # Local optimisation
     batch_size: int = 32
     lr: float = 1e-3
-    optimizer: str = "adam"            # "adam" or "sgd"
-    momentum: float = 0.9              # sgd only
+    optimizer: str = "adam"
+    momentum: float = 0.9
     weight_decay: float = 0.0
     # Data
     image_size: int = 224
-    partition: str = "iid"             # "iid", "dirichlet" (label skew), "column", "quantity"
-    alpha: float = 0.5                 # Dirichlet concentration: small = more skewed
-    partition_column: Optional[str] = None   # for partition="column"; None = "view"
-    max_images: Optional[int] = None   # cap on training images (whole patients), for quick runs
-    preload: bool = False              # decode every image once into memory (small data only)
-    # Strategy: how the server combines updates and what clients minimise (fedxray.strategies;
-    # README "Strategies"). Hyperparameters a strategy does not use must stay None.
-    strategy: str = "fedavg"           # fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, median,
-                                       # trimmed_mean, scaffold
-    proximal_mu: Optional[float] = None           # fedprox: weight of (mu/2)*||w - w_global||^2 (0.01)
-    server_learning_rate: Optional[float] = None  # fedavgm (0.1), scaffold (1.0): server step size
-    server_momentum: Optional[float] = None       # fedavgm: server momentum (0.9)
-    eta: Optional[float] = None        # fedadam, fedyogi, fedadagrad: server learning rate (0.01)
-    beta_1: Optional[float] = None     # fedadam, fedyogi: first-moment decay (0.9)
-    beta_2: Optional[float] = None     # fedadam, fedyogi: second-moment decay (0.99)
-    tau: Optional[float] = None        # fedadam, fedyogi, fedadagrad: adaptivity (1e-3)
-    beta: Optional[float] = None       # trimmed_mean: fraction cut at each end (0.2)
+    partition: str = "iid"
+    alpha: float = 0.5
+    partition_column: Optional[str] = None
+    max_images: Optional[int] = None
+    preload: bool = False
+    # Strategy: None = the strategy's default; one the strategy does not use must stay None
+    strategy: str = "fedavg"
+    proximal_mu: Optional[float] = None
+    server_learning_rate: Optional[float] = None
+    server_momentum: Optional[float] = None
+    eta: Optional[float] = None
+    beta_1: Optional[float] = None
+    beta_2: Optional[float] = None
+    tau: Optional[float] = None
+    beta: Optional[float] = None
     # Model
-    weights: Optional[str] = "auto"    # "auto", "imagenet", a .pth path, or None (random)
-    bn_policy: str = "average"         # layer4 BatchNorm: "average" with the weights, or "local" (FedBN)
+    weights: Optional[str] = "auto"
+    bn_policy: str = "average"
     # Evaluation
     eval_batch_size: int = 128
-    test_every_round: bool = True      # False: test only after the last round
+    test_every_round: bool = True
     # Execution
     seed: int = 0
-    device: str = "auto"               # "auto" = cuda when present, else cpu
-    amp: str = "auto"                  # "auto" = bf16 where supported, fp16 on older GPUs, off on CPU
+    device: str = "auto"
+    amp: str = "auto"
     num_workers: int = 0
     progress: bool = True
-    # Speed (fedxray.cache). The image cache gives the same results bitwise; cached features give
-    # them to float tolerance (fp16 storage: to fp16 rounding of layer3's output).
-    image_cache: bool = False          # decode every PNG once into a uint8 memory map in cache_dir
-    feature_cache: bool = False        # run the frozen trunk once per image; train layer4+fc on its
-                                       # output (builds the image cache first)
-    feature_dtype: str = "float16"     # storage of cached features: "float16" or "float32"
-    cache_dir: Optional[str] = None    # None: /kaggle/working/fedxray_cache on Kaggle, else data/cache
+    # Speed
+    image_cache: bool = False
+    feature_cache: bool = False
+    feature_dtype: str = "float16"
+    cache_dir: Optional[str] = None
 
     def __post_init__(self):
         def need(cond: bool, msg: str):
