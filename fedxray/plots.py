@@ -98,36 +98,61 @@ def _per_round_axes(fig, ax, ylabel: str, title: str):
 
 
 def plot_loss_curves(history: pd.DataFrame, title: str = "Loss per round"):
-    """Client training loss (thin lines, and their example-weighted mean) and the global model's
-    validation loss per round, as the original notebook shows."""
+    """Each client's training loss (one colour each, in the legend if there are at most 10 clients),
+    their example-weighted mean and the global model's validation loss per round (thick, black)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     train = history[(history["split"] == "train") & (history["metric"] == "train_loss")]
-    for client, g in train[train["client"] != ALL].groupby("client"):
-        ax.plot(g["round"], g["value"], color="tab:blue", alpha=0.3, lw=1, marker=".")
+    per_client = list(train[train["client"] != ALL].groupby("client"))
+    n = len(per_client)
+    colors = plt.get_cmap("tab10").colors if n <= 10 else plt.get_cmap("viridis")(np.linspace(0, 0.9, n))
+    for i, ((client, g), color) in enumerate(zip(per_client, colors)):
+        label = f"client {client}" if n <= 10 else ("clients" if i == 0 else None)
+        ax.plot(g["round"], g["value"], color=color, alpha=0.6, lw=1.2, marker=".", ms=4, label=label)
     pooled = train[train["client"] == ALL]
-    ax.plot(pooled["round"], pooled["value"], color="tab:blue", lw=2, marker="o",
-            label="client training loss (thin: each client; thick: weighted mean)")
+    ax.plot(pooled["round"], pooled["value"], color="black", lw=2.4, marker="o", zorder=3,
+            label="clients' training loss, weighted mean")
     val = select(history, "val", "loss")
-    ax.plot(val["round"], val["value"], color="tab:orange", lw=2, marker="s", label="global model, validation loss")
+    ax.plot(val["round"], val["value"], "--", color="black", lw=2.4, marker="s", zorder=3,
+            label="global model, validation loss")
     return _per_round_axes(fig, ax, "binary cross-entropy", title)
 
 
+def _client_spread(history: pd.DataFrame, split: str, metric: str) -> pd.DataFrame:
+    """Per round: mean, min and max of a metric over the clients of a history with no global
+    rows (the local-only baseline), and how many clients there are."""
+    rows = select(history, split, metric, client=None)
+    stats = rows.groupby("round")["value"].agg(["mean", "min", "max"]).reset_index()
+    return stats.assign(clients=rows["client"].nunique())
+
+
 def plot_mean_auroc(histories: Mapping[str, pd.DataFrame], title: str = "Mean AUROC per round"):
-    """Mean AUROC over findings per round, validation (dashed) and test (solid), one colour per run."""
+    """Mean AUROC over findings per round, validation (dashed) and test (solid), one colour per run.
+
+    A history with no global rows (the local-only baseline) is drawn as the mean over its clients,
+    with a band from the lowest to the highest client."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for color, (name, h) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], histories.items()):
+        per_client = not (h["client"].astype(str) == GLOBAL).any()
         for split, style in (("val", "--"), ("test", "-")):
-            g = select(h, split, "mean_auroc")
-            if len(g):
-                ax.plot(g["round"], g["value"], style, color=color, marker="o", ms=3, label=f"{name} ({split})")
+            if per_client:
+                g = _client_spread(h, split, "mean_auroc")
+                if len(g):
+                    ax.fill_between(g["round"], g["min"], g["max"], color=color, alpha=0.15, lw=0)
+                    ax.plot(g["round"], g["mean"], style, color=color, marker="o", ms=3,
+                            label=f"{name} ({split}; mean of {g['clients'].iat[0]}, band: min–max)")
+            else:
+                g = select(h, split, "mean_auroc")
+                if len(g):
+                    ax.plot(g["round"], g["value"], style, color=color, marker="o", ms=3, label=f"{name} ({split})")
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     return _per_round_axes(fig, ax, "mean AUROC over findings", title)
 
 
 def plot_auroc_bars(table: pd.DataFrame, title: str = "Test AUROC per finding"):
-    """Grouped bars of a findings x methods table (auroc_table)."""
+    """Grouped bars of a findings x methods table (auroc_table); the legend sits right of the axes,
+    clear of the bars (save_figure keeps it: bbox_inches="tight")."""
     plt = _plt()
     t = table.drop(index="mean", errors="ignore")
     fig, ax = plt.subplots(figsize=(10, 4.5))
@@ -141,7 +166,7 @@ def plot_auroc_bars(table: pd.DataFrame, title: str = "Test AUROC per finding"):
     ax.set_ylim(0.3, 1.0)
     ax.set_ylabel("test AUROC")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     return fig
 

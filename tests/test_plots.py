@@ -1,10 +1,14 @@
 """Figures and the results table, from hand-made history tables."""
+import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.collections import PolyCollection
 
 from fedxray import LABELS
 from fedxray import plots
+
+matplotlib.use("Agg")
 
 
 def _history(rounds=2, clients=("0", "1"), eval_client="global", auc=0.7):
@@ -67,3 +71,62 @@ def test_strategy_figures_draw_one_series_per_run_with_the_final_values():
     bars = plots.plot_final_auroc(runs).axes[0].patches
     expected = [plots.final_test_auroc(h).mean() for h in runs.values()]
     assert [b.get_height() for b in bars] == pytest.approx(expected)
+
+
+def test_auroc_bars_legend_lies_outside_the_axes():
+    runs = {"fedavg": _history(auc=0.9), "fedprox": _history(auc=0.85), "local-only": _history(auc=0.8)}
+    fig = plots.plot_auroc_bars(plots.auroc_table(runs))
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent()
+    assert not legend.overlaps(ax.get_window_extent())                   # so it covers no bar
+    assert all(not legend.overlaps(b.get_window_extent()) for b in ax.patches)
+    assert fig.get_tightbbox().contains(legend.x1 / fig.dpi - 1e-3, legend.y1 / fig.dpi - 1e-3)  # kept when saved
+
+
+def _local_only(num_clients=4, rounds=3, seed=0):
+    """A local-only history as run_local_only returns it: each client's own val/test rows, no global."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for k in range(num_clients):
+        h = _history(rounds=rounds, eval_client=str(k))
+        h = h[h.split != "train"].copy()
+        auroc = h.metric == "mean_auroc"
+        h.loc[auroc, "value"] = rng.uniform(0.5, 0.9, auroc.sum())
+        frames.append(h)
+    return pd.concat(frames, ignore_index=True)
+
+
+@pytest.mark.parametrize("client_dtype", [str, int])                   # int: as read back from CSV
+def test_mean_auroc_draws_the_local_only_mean_and_min_max_band(client_dtype):
+    local = _local_only()
+    local["client"] = local["client"].astype(client_dtype)
+    fig = plots.plot_mean_auroc({"FedAvg": _history(), "local-only": local})
+    ax = fig.axes[0]
+    labels = [l.get_label() for l in ax.get_lines()]
+    assert "FedAvg (val)" in labels and "FedAvg (test)" in labels
+    bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert len(bands) == 2                                               # val and test, local-only only
+    for split, band in zip(("val", "test"), bands):
+        oracle = local[(local.split == split) & (local.metric == "mean_auroc")].groupby("round")["value"]
+        line = ax.get_lines()[labels.index(f"local-only ({split}; mean of 4, band: min–max)")]
+        assert list(line.get_xdata()) == list(oracle.mean().index)
+        assert line.get_ydata() == pytest.approx(oracle.mean().to_numpy())
+        xy = band.get_paths()[0].vertices
+        for r in oracle.mean().index:
+            ys = xy[np.isclose(xy[:, 0], r), 1]
+            assert ys.min() == pytest.approx(oracle.min()[r]) and ys.max() == pytest.approx(oracle.max()[r])
+
+
+def test_loss_curves_show_each_client_clearly_and_legend_them():
+    fig = plots.plot_loss_curves(_history(rounds=3, clients=("0", "1", "2")))
+    lines = {l.get_label(): l for l in fig.axes[0].get_lines()}
+    clients = [lines[f"client {k}"] for k in range(3)]
+    assert all(l.get_alpha() >= 0.5 and l.get_linewidth() >= 1.0 for l in clients)
+    assert len({l.get_color() for l in clients}) == 3
+    assert all(l.get_linewidth() >= 2 * clients[0].get_linewidth() for l in lines.values() if l not in clients)
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend[:3] == ["client 0", "client 1", "client 2"]
+    many = plots.plot_loss_curves(_history(clients=[str(k) for k in range(12)]))
+    legend = [t.get_text() for t in many.axes[0].get_legend().get_texts()]
+    assert legend.count("clients") == 1 and not any(t.startswith("client ") for t in legend)
