@@ -1,4 +1,4 @@
-"""Benchmark: `python -m fedxray.bench [--quick | --smoke] [--out bench.json]`.
+"""Benchmark: `python -m fedxray.bench [--quick | --smoke] [--out PATH]` (default: data/bench.json).
 
 Measures in one run, on the same images: the training throughput (images/s) of a naive Kaggle
 pipeline (PIL open, convert('RGB'), resize in __getitem__, fp32, batch 32, the whole model in
@@ -409,12 +409,19 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def default_out(package_dir: Path = Path(__file__).resolve().parent) -> Path:
+    """data/bench.json in fedxray's repository checkout (git ignores data/), else ./bench.json."""
+    data = package_dir.parent / "data"
+    return data / "bench.json" if data.is_dir() else Path("bench.json")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fedxray.bench", description=__doc__.split("\n\n")[0])
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small CPU mode (CI), under two minutes")
     size.add_argument("--smoke", action="store_true", help="smaller still, for the test suite")
-    p.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON result (default bench.json)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON result (default: data/bench.json in the repository, else ./bench.json)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cpu for --quick/--smoke, else auto)")
     p.add_argument("--workers", type=int, nargs="+", default=None,
                    help="naive pipeline DataLoader workers, one measurement each (full default: 16 4)")
@@ -434,10 +441,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         result = run(mode, device, Path(tmp), args.data, tuple(args.workers) if args.workers else None,
                      log=lambda s: print(s, file=sys.stderr, flush=True))
         result["wall_s"] = time.perf_counter() - t
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out = args.out or default_out()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
-    print(f"\nwall {result['wall_s']:.0f} s; JSON written to {args.out}")
+    print(f"\nwall {result['wall_s']:.0f} s; JSON written to {out.resolve()}")
     return 0
 
 

@@ -19,6 +19,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +46,10 @@ INDEX, IMAGES, PROGRESS, LOCK = "index.json", "images.u8", "progress.npy", ".loc
 CHUNK = 32                        # images per task handed to a decoding process
 SAVE_EVERY_S = 2.0                # how often the progress of an interrupted build is persisted
 VERIFY_ROWS = 256                 # rows per CRC task (threads: zlib.crc32 releases the GIL)
+# Left free beside a cache's data file: its index (NIH: ~15 MB of names, paths and CRCs), progress
+# and meta files, and whatever else writes to the disk meanwhile. Writing a memory map onto a full
+# disk kills the process (SIGBUS), so a cache that does not fit is refused before it is written.
+DISK_MARGIN = 100_000_000
 # Per row of a build in progress: decoded, the CRC-32 of its bytes, its PNG's size and mtime.
 PROGRESS_DTYPE = np.dtype([("done", "u1"), ("crc", "<u4"), ("size", "<i8"), ("mtime_ns", "<i8")])
 
@@ -86,6 +91,43 @@ def _rows(row: dict[str, int], names: Sequence[str], missing_means: str) -> np.n
 
 def _first(names: Sequence[str], rows: np.ndarray, k: int = 3) -> str:
     return ", ".join(names[r] for r in rows[:k])
+
+
+# --------------------------------------------------------------------------- disk space
+
+def human_bytes(n: float) -> str:
+    """1234567 -> '1.2 MB' (powers of 1000, as disk sizes are quoted)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def allocated_bytes(path: Path) -> int:
+    """Bytes of path already on disk (0 if absent). A data file created at its full size is sparse
+    until its rows are written, so its blocks, not its length, say what a resumed build reuses."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return 0
+    blocks = getattr(st, "st_blocks", None)    # POSIX: 512-byte units; absent on Windows
+    return st.st_size if blocks is None else min(st.st_size, blocks * 512)
+
+
+def require_disk_space(directory: Path, needed: int, what: str, turn_off: str) -> None:
+    """Raise DataError, before anything is written, when the disk holding directory lacks needed
+    bytes plus DISK_MARGIN. turn_off names the config switch that does without this cache."""
+    probe = Path(directory)
+    while not probe.exists() and probe != probe.parent:   # the folder is made only once it fits
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed + DISK_MARGIN <= free:
+        return
+    raise DataError(f"not enough disk space for {what} in {directory}: it needs {human_bytes(needed)} "
+                    f"(plus {human_bytes(DISK_MARGIN)} spare), {human_bytes(free)} free. Free space on that "
+                    f"disk, set cache_dir (or {CACHE_ENV}) to a folder on a larger disk, use a smaller "
+                    f"image_size or max_images, or turn the cache off ({turn_off})")
 
 
 # --------------------------------------------------------------------------- checks
@@ -400,8 +442,10 @@ def build_image_cache(frame: pd.DataFrame, image_size: int, cache_dir: str | os.
     goes, and a rerun after an interruption decodes only the rest. A file that cannot be decoded is
     logged, listed in the index and excluded, never cached as data. The index is written, atomically,
     only when complete. Builds of one folder take turns (a file lock): a second process waits, then
-    reuses what the first built. loader(path, size) -> uint8 [size, size] is the decoder
-    (fedxray.load_gray: grayscale, no RGB conversion, Image.reduce before the resize).
+    reuses what the first built. A disk without room for what the cache still needs raises
+    DataError before anything is written (require_disk_space). loader(path, size) -> uint8
+    [size, size] is the decoder (fedxray.load_gray: grayscale, no RGB conversion, Image.reduce
+    before the resize).
     """
     frame = _unique_images(frame)
     names, paths = frame["image"].tolist(), frame["path"].astype(str).tolist()
@@ -414,15 +458,24 @@ def build_image_cache(frame: pd.DataFrame, image_size: int, cache_dir: str | os.
         changed, damaged = cache._faults(cache.rows(names), stamps)
         if not len(changed) and not len(damaged):
             return cache
-        target = target or cache.directory    # repaired in place: only its stale rows are decoded
+        target = target or cache              # repaired in place: only its stale rows are decoded
     exact = _folder(root, image_size, names, paths)
-    for directory in dict.fromkeys([target or exact, exact]):
+    rows = {exact: len(names)} if target is None else {target.directory: len(target), exact: len(names)}
+    for directory, n in rows.items():
+        _require_image_space(directory, n, image_size)
         with _exclusive(directory / LOCK, f"building the image cache {directory}"):
             cache = _update(directory, directory == exact, names, paths, image_size, num_workers,
                             progress, loader)
         if cache is not None:
             return cache
     raise AssertionError("unreachable: the exact folder is always updated")
+
+
+def _require_image_space(directory: Path, n: int, size: int) -> None:
+    """Refuse to build or grow the data file of n rows of size x size in directory when the disk
+    lacks what it still needs: its whole size less what a partial build already wrote."""
+    require_disk_space(directory, n * size * size - allocated_bytes(directory / IMAGES),
+                       f"the image cache ({n} images of {size} px)", "image_cache=False, feature_cache=False")
 
 
 @dataclass
@@ -507,6 +560,9 @@ def _update(directory: Path, exact: bool, names: list[str], paths: list[str], si
         log.warning("image cache %s: decoding again %s", directory, _fault_text(all_names, changed, damaged))
     elif state.done.any():
         log.info("resuming the image cache %s: %d of %d images left", directory, len(todo), n)
+    else:
+        log.info("building the image cache: %d images of %d px, %s in %s", n, size,
+                 human_bytes(n * size * size), directory)
     state.done[todo] = False
     for r in todo:
         state.excluded.pop(int(r), None)
@@ -554,13 +610,14 @@ class _Decoded(NamedTuple):
 def _decode_rows(array: np.memmap, todo: np.ndarray, paths: list[str], state: _Progress, progress_file: Path,
                  size: int, num_workers: Optional[int], progress: bool, loader: Loader) -> None:
     """Decode the rows todo into array, recording each in state (persisted now and then)."""
-    from tqdm.auto import tqdm
+    from .progress import bar as progress_bar
     n = len(state.done)
     tasks = [(rows, [paths[r] for r in rows], size, loader) for rows in np.array_split(
         todo, max(1, -(-len(todo) // CHUNK))) if len(rows)]
     workers = usable_cores() if num_workers is None else num_workers
     workers = min(workers, len(tasks))
-    bar = tqdm(total=n, initial=n - len(todo), desc=f"image cache {size}px", unit="img", disable=not progress)
+    bar = progress_bar(total=n, initial=n - len(todo), desc=f"image cache {size}px", unit="img", enabled=progress,
+                       leave=False)
     pool = multiprocessing.Pool(workers) if workers > 1 else None
     saved = time.monotonic()
     try:

@@ -518,7 +518,7 @@ def _sample_patients(params: dict) -> pd.DataFrame:
 
 def _generate(root: Path, params: dict, version: str, progress: bool) -> dict:
     """Write the whole dataset into root (an empty folder). Returns the manifest."""
-    from tqdm.auto import tqdm
+    from .progress import bar as progress_bar
     meta = _sample_patients(params)
     combos = meta.attrs["combos"]
     seed, size = params["seed"], params["image_size"]
@@ -526,7 +526,7 @@ def _generate(root: Path, params: dict, version: str, progress: bool) -> dict:
     n_folders = max(2, math.ceil(n / IMAGES_PER_FOLDER))
     per_folder = math.ceil(n / n_folders)
     anatomy, anatomy_of = None, None
-    bar = tqdm(total=n, desc="synthetic demo images", unit="img", disable=not progress)
+    bar = progress_bar(total=n, desc="synthetic demo images", unit="img", enabled=progress, leave=False)
     try:
         for i, row in enumerate(meta.itertuples(index=False)):
             folder = root / f"images_{i // per_folder + 1:03d}" / "images"

@@ -20,7 +20,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .cache import CACHE_VERSION, CachedImageDataset, _crc32, _crc_rows, _digest, _exclusive, _first, _rows
+from .cache import (CACHE_VERSION, CachedImageDataset, _crc32, _crc_rows, _digest, _exclusive, _first, _rows,
+                    human_bytes, require_disk_space)
 from .device import autocast, to_input
 from .data import LABELS, DataError, label_matrix
 from .io import atomic_write, atomic_write_text, remove_orphan_temporaries
@@ -124,7 +125,8 @@ def build_feature_cache(model, images: CachedImageDataset, device: torch.device 
     CRC-32 of every row are checked (a file that fails is computed again); "auto": the GPU when
     they fit beside room for training, else disk. Two processes building one file take turns (a
     file lock), and the file appears under its name only when complete. Non-finite features (an
-    fp16 overflow) raise DataError here rather than a NaN loss later. Valid only for the trunk
+    fp16 overflow) raise DataError here rather than a NaN loss later. A file that does not fit on
+    its disk raises DataError before it is written (require_disk_space). Valid only for the trunk
     weights they were computed with (see FeatureCache.check).
     """
     if dtype not in FEATURE_DTYPES:
@@ -152,6 +154,7 @@ def build_feature_cache(model, images: CachedImageDataset, device: torch.device 
         return _compute_features(model, images, out, device, batch_size, amp_dtype, dtype, progress)
 
     if placement == "device":
+        log.info("building the feature cache: %d images, %s on %s", len(names), human_bytes(nbytes), device)
         out = torch.empty(shape, dtype=dtype, device=device)
         compute(out)
         return FeatureCache(out, names, key, trunk, device)
@@ -201,8 +204,13 @@ def _write_features(path: Path, expect: dict, np_dtype: type,
     meta that vouches for them. A process killed midway leaves only a temporary, removed here by
     the next build (which holds the lock, so no one else is writing it)."""
     meta = path.with_suffix(".json")
-    meta.unlink(missing_ok=True)      # the old file, if any, is no longer vouched for
     remove_orphan_temporaries(path.parent, path.name, meta.name)
+    # The whole size: a stale file at path is replaced only once the new one is complete.
+    rows = expect["shape"][0]
+    require_disk_space(path.parent, expect["bytes"], f"the feature cache ({rows} images, {expect['dtype']})",
+                       "feature_cache=False")
+    log.info("building the feature cache: %d images, %s in %s", rows, human_bytes(expect["bytes"]), path)
+    meta.unlink(missing_ok=True)      # the old file, if any, is no longer vouched for
     crc: list[int] = []
 
     def write(tmp: str) -> None:
@@ -220,13 +228,13 @@ def _compute_features(model, images: CachedImageDataset, out: torch.Tensor | np.
                       progress: bool) -> list[int]:
     """Fill out with model.trunk over images; return the CRC-32 of each row when out is an array
     (the bytes meant for the file, checksummed before they reach it)."""
-    from tqdm.auto import tqdm
+    from .progress import bar
     was_training = model.training
     model.eval()
     loader = DataLoader(images, batch_size=batch_size, shuffle=False, pin_memory=device.type == "cuda")
     start, crc, finite = 0, [], []
     try:
-        for x, _ in tqdm(loader, desc="feature cache", unit="batch", disable=not progress, leave=False):
+        for x, _ in bar(loader, desc="feature cache", unit="batch", enabled=progress, leave=False):
             with autocast(device, amp_dtype):
                 f = model.trunk(to_input(x, device, amp_dtype))
             f = f.to(dtype)           # fp16 storage: a value beyond 65504 becomes inf, caught below

@@ -13,6 +13,8 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .io import atomic_write
+
 log = logging.getLogger(__name__)
 
 # The one value that says what travels between clients and server.
@@ -180,18 +182,38 @@ def _auto_state():
 
 
 def _imagenet_state() -> dict[str, torch.Tensor]:
-    """torchvision's ResNet-34 IMAGENET1K_V1 weights, from the torch hub cache or the internet."""
+    """torchvision's ResNet-34 IMAGENET1K_V1 weights, from the torch hub cache, else downloaded into
+    it. fedxray announces the download in its own log: torch.hub would print it on stdout, which a
+    notebook shows after the warning (stderr) that the download failed."""
     from torchvision.models import ResNet34_Weights
-    w = ResNet34_Weights.IMAGENET1K_V1
+    url = ResNet34_Weights.IMAGENET1K_V1.url
+    name = Path(url).name
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / name
+    if cached.is_file():
+        try:
+            return torch.load(cached, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise RuntimeError(f"the ImageNet weights for ResNet-34 in the torch cache, {cached}, cannot be "
+                               f"read ({type(e).__name__}: {e}): delete the file to download it again, or "
+                               f"pass weights='/path/to/{name}' or set {WEIGHTS_ENV}") from e
+    log.info("trying to download the ImageNet weights for ResNet-34 from %s to %s", url, cached)
+    state: dict[str, torch.Tensor] = {}
+
+    def fetch(tmp: str) -> None:
+        # Into a temporary file renamed only once it has loaded: a failed or garbled download
+        # (an HTML page from a proxy) leaves nothing in the cache for the next run to trip on.
+        torch.hub.download_url_to_file(url, tmp, progress=False)   # prints nothing, unlike torch.hub.load*
+        state.update(torch.load(tmp, map_location="cpu", weights_only=True))
+
     try:
-        return w.get_state_dict(progress=False, check_hash=False)
+        atomic_write(cached, fetch)
     except Exception as e:  # URLError, socket errors, HTTP errors: all mean "not available here"
-        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(w.url).name
         raise RuntimeError(
             f"ImageNet weights for ResNet-34 could not be loaded ({type(e).__name__}: {e}). They are "
-            f"not in the torch cache ({cache}) and could not be downloaded (internet off?). On Kaggle, "
-            f"attach a dataset holding {Path(w.url).name} and pass weights='/kaggle/input/.../"
-            f"{Path(w.url).name}' or set {WEIGHTS_ENV}.") from e
+            f"not in the torch cache ({cached}) and could not be downloaded (internet off?). On Kaggle, "
+            f"attach a dataset holding {name} and pass weights='/kaggle/input/.../"
+            f"{name}' or set {WEIGHTS_ENV}.") from e
+    return state
 
 
 def _file_state(path: Path) -> dict[str, torch.Tensor]:
@@ -208,6 +230,12 @@ def _file_state(path: Path) -> dict[str, torch.Tensor]:
         problem = seal_problem(obj)
         if problem:
             raise RuntimeError(f"weights file {path} {problem}; use an intact copy")
+        from .saved_model import KIND, load_model   # a run's final_model.pt: rebuilt with its trunk
+        if obj.get("kind") == KIND:
+            try:
+                return load_model(path).state_dict()
+            except ValueError as e:   # CheckpointError: names the file and the remedy
+                raise RuntimeError(str(e)) from None
     for key in ("model", "state_dict", "global_state"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -2,6 +2,7 @@
 and the benchmark's command line."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -13,8 +14,8 @@ import torch
 
 import fedxray
 from fedxray import Config, load_gray, run_federated
-from fedxray.cache import (CACHE_VERSION, IMAGES, INDEX, PROGRESS, CachedImageDataset, ImageCache,
-                           build_image_cache, find_image_cache)
+from fedxray.cache import (CACHE_VERSION, DISK_MARGIN, IMAGES, INDEX, PROGRESS, CachedImageDataset, ImageCache,
+                           build_image_cache, find_image_cache, human_bytes)
 from fedxray.features import build_feature_cache
 from fedxray.data import DataError, ImageDecodeError
 from fedxray.io import file_lock, orphan_temporaries
@@ -273,6 +274,68 @@ def test_undecodable_image_is_excluded_and_named(own_nih, tmp_path, monkeypatch)
     assert all(p in bombs.excluded[n] for n, p in zip(meta.image[:2], meta.path[:2]))
 
 
+# ------------------------------------------------------------------ disk space
+
+def _free_space(monkeypatch, free):
+    """shutil.disk_usage reports `free` bytes free on every disk."""
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=free))
+
+
+def test_human_bytes():
+    assert [human_bytes(n) for n in (0, 999, 1000, 9_216_000, 5_626_000_000, 11.2e12)] == \
+        ["0 B", "999 B", "1.0 kB", "9.2 MB", "5.6 GB", "11.2 TB"]
+
+
+def test_image_cache_that_does_not_fit_is_refused_before_anything_is_written(own_nih, tmp_path, monkeypatch,
+                                                                             caplog):
+    meta, root = own_nih, tmp_path / "cache"
+    want = len(meta) * SIZE * SIZE
+    _free_space(monkeypatch, want + DISK_MARGIN - 1)
+    with pytest.raises(DataError) as e:
+        build_image_cache(meta, SIZE, root, num_workers=0, progress=False)
+    message = str(e.value)
+    assert str(root) in message and f"needs {human_bytes(want)}" in message
+    assert f"{human_bytes(want + DISK_MARGIN - 1)} free" in message
+    assert "cache_dir" in message and "max_images" in message and "image_cache=False" in message
+    assert not root.exists()                                  # not even the folder or its lock
+
+    _free_space(monkeypatch, want + DISK_MARGIN)
+    with caplog.at_level("INFO", logger="fedxray.cache"):
+        cache = build_image_cache(meta, SIZE, root, num_workers=0, progress=False)
+    assert f"building the image cache: {len(meta)} images of {SIZE} px, {human_bytes(want)} in " \
+           f"{cache.directory}" in caplog.text
+    np.testing.assert_array_equal(cache.dataset(meta).gray(3), load_gray(meta.path[3], SIZE))
+
+
+def test_resumed_build_needs_only_the_rows_it_has_not_written(own_nih, tmp_path, monkeypatch):
+    meta, root = own_nih, tmp_path / "cache"
+    monkeypatch.setattr(fedxray.cache, "CHUNK", 4)
+    monkeypatch.setattr(fedxray.cache, "SAVE_EVERY_S", 0.0)
+
+    calls = []
+
+    def dies_after_8(path, size):
+        if len(calls) == 8:
+            raise KeyboardInterrupt("simulated interruption")
+        calls.append(path)
+        return load_gray(path, size)
+    with pytest.raises(KeyboardInterrupt):
+        build_image_cache(meta, SIZE, root, num_workers=0, progress=False, loader=dies_after_8)
+    data = next(root.glob(f"*/{IMAGES}"))
+    st = os.stat(data)
+    written = min(st.st_size, st.st_blocks * 512)             # the file is sparse where no row was written
+    still = len(meta) * SIZE * SIZE - written
+    assert st.st_size == len(meta) * SIZE * SIZE and written >= 8 * SIZE * SIZE
+    _free_space(monkeypatch, still + DISK_MARGIN - 1)
+    with pytest.raises(DataError, match=f"needs {human_bytes(still)}"):
+        build_image_cache(meta, SIZE, root, num_workers=0, progress=False)
+    assert os.stat(data).st_blocks == st.st_blocks and not (data.parent / INDEX).exists()
+    _free_space(monkeypatch, still + DISK_MARGIN)
+    resumed = build_image_cache(meta, SIZE, root, num_workers=0, progress=False)
+    ImageCache.open(resumed.directory)
+
+
 # The feature cache
 
 @pytest.fixture(scope="module")
@@ -369,6 +432,25 @@ def test_feature_build_waits_for_another_builder(feature_setup, caplog):
         assert worker.is_alive() and not first.path.with_suffix(".json").exists()
     worker.join(30)
     assert result["f"].path == first.path and first.path.with_suffix(".json").exists()
+
+
+def test_feature_cache_that_does_not_fit_is_refused_before_it_is_written(feature_setup, monkeypatch, caplog):
+    model, images = feature_setup
+    folder = images.cache.directory
+    nbytes = len(images) * 256 * (SIZE // 16) ** 2 * 2        # float16 layer3 output
+    _free_space(monkeypatch, nbytes + DISK_MARGIN - 1)
+    with pytest.raises(DataError) as e:
+        _features(model, images)
+    message = str(e.value)
+    assert str(folder) in message and f"needs {human_bytes(nbytes)}" in message
+    assert f"{human_bytes(nbytes + DISK_MARGIN - 1)} free" in message and "feature_cache=False" in message
+    assert not [p for p in folder.iterdir() if "features_" in p.name and p.suffix != ".lock"]
+
+    _free_space(monkeypatch, nbytes + DISK_MARGIN)
+    with caplog.at_level("INFO", logger="fedxray.features"):
+        feats = _features(model, images)
+    assert feats.nbytes == nbytes
+    assert f"building the feature cache: {len(images)} images, {human_bytes(nbytes)} in {feats.path}" in caplog.text
 
 
 # ------------------------------------------------------------------ whole runs against the PNG path

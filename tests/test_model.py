@@ -79,18 +79,33 @@ def test_bad_weights_files(tmp_path):
         build_model(weights=str(tmp_path / "other.pth"))
 
 
+RESNET34_FILE = "resnet34-b627a593.pth"   # torchvision's ResNet34_Weights.IMAGENET1K_V1
+
+
 @pytest.fixture()
-def no_network(monkeypatch, tmp_path):
-    """ImageNet weights neither cached nor downloadable, as on a machine without internet."""
-    def refuse(*a, **k):
-        raise urllib.error.URLError("no network")
-    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", refuse)
+def hub(monkeypatch, tmp_path):
+    """An empty torch hub cache of the test's own; returns its checkpoints folder."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.delenv("FEDXRAY_WEIGHTS", raising=False)
+    return tmp_path / "hub" / "checkpoints"
+
+
+@pytest.fixture()
+def no_network(monkeypatch, hub):
+    """ImageNet weights neither cached nor downloadable, as on a machine without internet. The
+    download writes a few bytes before it fails, as a connection dropped midway would."""
+    def refuse(url, dst, *a, **k):
+        with open(dst, "wb") as f:
+            f.write(b"half a file")
+        raise urllib.error.URLError("offline")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    return hub
 
 
 def test_imagenet_unavailable_is_a_clear_error(no_network):
-    with pytest.raises(RuntimeError, match="could not be loaded.*FEDXRAY_WEIGHTS"):
+    with pytest.raises(RuntimeError, match="could not be loaded.*offline.*FEDXRAY_WEIGHTS"):
         build_model(weights="imagenet")
+    assert list(no_network.iterdir()) == []                  # no partial file left in the hub cache
 
 
 def test_auto_falls_back_loudly(no_network, caplog):
@@ -98,6 +113,28 @@ def test_auto_falls_back_loudly(no_network, caplog):
         m = build_model(weights="auto")
     assert m.weights_source.startswith("random")
     assert "NO PRETRAINED WEIGHTS" in caplog.text
+
+
+def test_failed_download_is_announced_before_the_warning_and_not_on_stdout(no_network, caplog, capsys):
+    """torch.hub's own loader prints 'Downloading: ...' on stdout, which a notebook shows after the
+    log's warning (stderr) that the download failed: fedxray logs the attempt itself, first."""
+    with caplog.at_level("INFO", logger="fedxray.model"):
+        build_model(weights="auto")
+    assert "Downloading" not in capsys.readouterr().out
+    messages = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "fedxray.model"]
+    trying = [i for i, (level, text) in enumerate(messages) if level == "INFO" and "trying to download" in text]
+    warned = [i for i, (level, text) in enumerate(messages) if level == "WARNING" and "NO PRETRAINED WEIGHTS" in text]
+    assert len(trying) == len(warned) == 1 and trying[0] < warned[0]
+    assert str(no_network / RESNET34_FILE) in messages[trying[0]][1]
+
+
+def test_garbled_download_is_not_kept(hub, monkeypatch):
+    def html(url, dst, *a, **k):                              # a proxy's login page, say
+        open(dst, "wb").write(b"<html>sign in</html>")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", html)
+    with pytest.raises(RuntimeError, match="could not be loaded"):
+        build_model(weights="imagenet")
+    assert list(hub.iterdir()) == []
 
 
 def test_auto_uses_env_file(no_network, monkeypatch, tmp_path):
@@ -108,9 +145,40 @@ def test_auto_uses_env_file(no_network, monkeypatch, tmp_path):
     assert torch.equal(m.conv1.weight, ref.conv1.weight)
 
 
-def test_auto_prefers_imagenet(monkeypatch, tmp_path):
-    ref, _ = _resnet34_file(tmp_path)
-    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", lambda *a, **k: ref.state_dict())
+def test_auto_prefers_imagenet_downloaded_into_the_hub_cache(hub, monkeypatch, tmp_path, capsys):
+    ref, path = _resnet34_file(tmp_path)
+    got, real = [], torch.hub.download_url_to_file
+
+    def download(url, dst, hash_prefix=None, progress=True):  # torch's own download, from a local file
+        got.append((url, progress))
+        real(path.as_uri(), dst, hash_prefix, progress)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
     m = build_model(weights="auto")
+    assert capsys.readouterr() == ("", "")                    # no "Downloading:" line, no progress bar
     assert m.weights_source == "imagenet"
     assert torch.equal(m.layer4[0].conv1.weight, ref.layer4[0].conv1.weight)
+    assert got == [(torchvision.models.ResNet34_Weights.IMAGENET1K_V1.url, False)]
+    assert [p.name for p in hub.iterdir()] == [RESNET34_FILE]
+
+
+def test_imagenet_weights_in_the_hub_cache_are_used_without_a_download(hub, monkeypatch, tmp_path, caplog,
+                                                                         capsys):
+    ref, _ = _resnet34_file(tmp_path)
+    hub.mkdir(parents=True)
+    torch.save(ref.state_dict(), hub / RESNET34_FILE)
+
+    def no_download(*a, **k):
+        pytest.fail("downloaded although the weights are in the hub cache")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    with caplog.at_level("INFO", logger="fedxray.model"):
+        m = build_model(weights="auto")
+    assert m.weights_source == "imagenet"
+    assert torch.equal(m.layer3[0].conv1.weight, ref.layer3[0].conv1.weight)
+    assert "download" not in caplog.text.lower() and capsys.readouterr().out == ""
+
+
+def test_unreadable_file_in_the_hub_cache_names_it(hub):
+    hub.mkdir(parents=True)
+    (hub / RESNET34_FILE).write_bytes(b"junk")
+    with pytest.raises(RuntimeError, match=f"{RESNET34_FILE}, cannot be read.*delete the file"):
+        build_model(weights="imagenet")
