@@ -14,6 +14,7 @@ from .config import Config
 from .checkpoint import CheckpointError
 from .parts import RunParts, prepare
 from .federated import RunResult, run_centralized, run_federated, run_local_only
+from .saved_model import load_model
 
 __version__ = "0.1.0"
 
@@ -24,5 +25,5 @@ __all__ = [
     "client_finding_table", "label_skew", "partition", "EXCHANGED_PREFIXES", "build_model",
     "Client", "ClientUpdate", "DivergenceError", "NonFiniteLossError", "STRATEGIES", "Strategy", "make_strategy",
     "CheckpointError", "Config", "RunParts", "prepare", "RunResult", "run_centralized", "run_federated",
-    "run_local_only",
+    "run_local_only", "load_model",
 ]

@@ -19,7 +19,6 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
 from .config import Config
 from .data import LABELS
@@ -32,8 +31,9 @@ CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.csv"
 CONFIG = "config.json"
 RUN_INFO = "run_info.json"
-FINAL_MODEL = "final_model.pt"
-RUN_FILES = (CHECKPOINT, HISTORY, CONFIG, RUN_INFO, FINAL_MODEL)
+FINAL_MODEL = "final_model.pt"      # a finished run: fedxray.saved_model
+FINAL_RESULT = "final_result.pt"    # a finished run that kept no weights
+RUN_FILES = (CHECKPOINT, HISTORY, CONFIG, RUN_INFO, FINAL_MODEL, FINAL_RESULT)
 FORMAT = 2   # 1: the first release's pickled checkpoints (weights_only=False), no longer read
 _FIELDS = ("format", "round", "global_state", "local_states", "history", "config", "info", "inputs",
            "extra", "rng", "checksum")
@@ -130,14 +130,6 @@ def save_checkpoint(output_dir: str | os.PathLike, round_num: int, global_state:
     }
     ckpt = seal(ckpt)
     atomic_write(output_dir / CHECKPOINT, lambda tmp: torch.save(ckpt, tmp))
-
-
-def save_final_model(output_dir: str | os.PathLike, model: nn.Module, config: Config, info: dict) -> None:
-    """final_model.pt: the whole state dict with the labels, config, run info and a checksum; a
-    weights file for fedxray.build_model(weights=path)."""
-    payload = seal({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "labels": list(LABELS), "config": config.to_dict(), "info": info})
-    atomic_write(Path(output_dir) / FINAL_MODEL, lambda tmp: torch.save(payload, tmp))
 
 
 def clean_orphans(output_dir: str | os.PathLike) -> list[Path]:

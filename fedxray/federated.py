@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -15,14 +17,16 @@ import pandas as pd
 import torch
 
 from . import history as hist
-from .checkpoint import (CHECKPOINT, CONFIG, FINAL_MODEL, HISTORY, RUN_INFO, CheckpointError, check_resume,
-                         clean_orphans, load_checkpoint, restore_rng, save_checkpoint, save_final_model)
+from .checkpoint import (CHECKPOINT, CONFIG, HISTORY, RUN_INFO, CheckpointError, check_resume, clean_orphans,
+                         load_checkpoint, restore_rng, save_checkpoint)
 from .client import Client, derive_seed
 from .config import Config
 from .device import DivergenceError, predict
 from .io import atomic_write, atomic_write_text, file_lock
-from .model import ChestXrayResNet, state_problems
+from .model import EXCHANGED_PREFIXES, ChestXrayResNet, state_problems
 from .parts import RunParts, cap_splits, centralized, local_only, prepare, reuse  # noqa: F401  (cap_splits: public here)
+from .progress import bar
+from .saved_model import FINISHED, finished, load_final, save_final
 from .strategies import Strategy
 
 log = logging.getLogger(__name__)
@@ -34,7 +38,7 @@ _SAMPLING_STREAM = 0x5A3F   # keeps the client-sampling RNG apart from the clien
 @dataclass
 class RunResult:
     history: pd.DataFrame
-    model: ChestXrayResNet
+    model: Optional[ChestXrayResNet]   # None for a run that kept no weights
     output_dir: Path
     info: dict
 
@@ -70,17 +74,27 @@ def evaluate(parts: RunParts, global_state: dict[str, torch.Tensor], round_num: 
 
 class FederatedRun:
     """One federated experiment over prepared parts: its global state, its strategy's server
-    state, and its history and checkpoints in output_dir."""
+    state, and its history and checkpoints in output_dir.
 
-    def __init__(self, parts: RunParts, output_dir: str | Path):
+    While it trains, output_dir holds checkpoint.pt (every round); when it ends, one sealed file
+    replaces it (fedxray.saved_model): final_model.pt with what was trained, or final_result.pt
+    when keep_model is False (the local-only clients). Running it again then trains nothing.
+    trunk_dir: where a random trunk is stored once (default: output_dir's parent's trunks/).
+    name: the progress bar's label (default: the strategy)."""
+
+    def __init__(self, parts: RunParts, output_dir: str | Path, keep_model: bool = True,
+                 trunk_dir: Optional[str | Path] = None, name: Optional[str] = None):
         self.parts = parts
         self.config = parts.config
         self.output_dir = Path(output_dir)
+        self.keep_model, self.trunk_dir = keep_model, trunk_dir
+        self.name = name or parts.config.strategy
         self.strategy = parts.strategy   # built with the parts, from their config
         self.model, self.clients = parts.model, parts.clients
         self.global_state = parts.initial_state()
         self.rows: list[dict] = []
         self.round = 0
+        self.seconds = 0.0               # training and evaluation time, summed over resumes
         self.inputs = parts.inputs()
         self.info = parts.info()
 
@@ -94,7 +108,7 @@ class FederatedRun:
     # ------------------------------------------------------------------ rounds
     def run(self, resume: bool = True, progress: Optional[bool] = None) -> RunResult:
         """The rounds not yet done, holding the output folder's lock (a second process running in
-        the same folder is refused, naming the first)."""
+        the same folder is refused, naming the first). resume=False starts over."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with file_lock(self.output_dir / RUN_LOCK, wait=False, purpose=f"a fedxray run in {self.output_dir}"):
             clean_orphans(self.output_dir)
@@ -102,48 +116,59 @@ class FederatedRun:
 
     def _run(self, resume: bool, progress: bool) -> RunResult:
         c = self.config
+        done = finished(self.output_dir) if resume else None
+        if done is not None:
+            self._load_final(done)
+            return RunResult(self.history(), self.model if self.keep_model else None, self.output_dir, self.info)
         if resume and (self.output_dir / CHECKPOINT).exists():
             self._load_checkpoint()
         else:
             self._start_fresh()
-        from tqdm.auto import tqdm
-        rounds = tqdm(range(self.round + 1, c.num_rounds + 1), desc="rounds", disable=not progress,
-                      initial=self.round, total=c.num_rounds)
+        rounds = bar(range(self.round + 1, c.num_rounds + 1), desc=self.name, enabled=progress,
+                     initial=self.round, total=c.num_rounds, unit="round")
+        self._postfix(rounds)
         for r in rounds:
-            self._round(r, progress)
-            rounds.set_postfix(val_auroc=round(hist.last_value(self.rows, "val", "mean_auroc"), 4),
-                               val_loss=round(hist.last_value(self.rows, "val", "loss"), 4))
+            self._round(r, rounds)
+            self._postfix(rounds)
+        rounds.close()
         self.model.load_state_dict(self.global_state, strict=False)
-        if not (self.output_dir / FINAL_MODEL).exists() or self.round == c.num_rounds:
-            self._save_final()
-        return RunResult(self.history(), self.model, self.output_dir, self.info)
+        self._save_final()
+        return RunResult(self.history(), self.model if self.keep_model else None, self.output_dir, self.info)
+
+    def _postfix(self, rounds, client: Optional[str] = None) -> None:
+        auroc = hist.last_value(self.rows, "val", "mean_auroc")
+        rounds.set_postfix_str(f"round {self.round}/{self.config.num_rounds}, val AUROC {auroc:.3f}"
+                               + (f", {client}" if client else ""))
 
     def _start_fresh(self) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        for name in (CHECKPOINT, HISTORY, FINAL_MODEL):
+        for name in (CHECKPOINT, HISTORY, *FINISHED):
             (self.output_dir / name).unlink(missing_ok=True)
         self.config.save(self.output_dir / CONFIG)
         self.strategy.reset()   # parts reused by a second run must not carry the first run's server state
         atomic_write_text(self.output_dir / RUN_INFO, json.dumps(self.info, indent=2) + "\n")
+        t0 = time.perf_counter()
         self.rows = self.evaluate(0, "val")
         if self.config.test_every_round:
             self.rows += self.evaluate(0, "test")
-        self.round = 0
+        self.round, self.seconds = 0, time.perf_counter() - t0
         self._save_checkpoint()
 
-    def _round(self, r: int, progress: bool) -> None:
-        from tqdm.auto import tqdm
+    def _round(self, r: int, rounds) -> None:
         c = self.config
+        t0 = time.perf_counter()
         chosen = sample_clients(c.num_clients, c.fraction_fit, c.seed, r)
         kept = f"the checkpoint of round {r - 1} in {self.output_dir} is kept"
         updates, sent_bytes = [], []
-        for k in tqdm(chosen, desc=f"round {r} clients", leave=False, disable=not progress):
+        for i, k in enumerate(chosen):
+            self._postfix(rounds, f"training client {k} ({i + 1} of {len(chosen)})")
             payload = self.strategy.payload(k, self.global_state)
             sent_bytes.append(hist.message_bytes(self.global_state, payload))
             try:
                 updates.append(self.clients[k].fit(self.global_state, round_num=r, payload=payload))
             except DivergenceError as e:
                 raise type(e)(f"{e}; {kept}") from None
+        self._postfix(rounds, "evaluating")
         # The strategy's server state changes only once the round is saved: a round that fails
         # after aggregation must leave it as the checkpoint has it.
         before = self.strategy.state_dict()
@@ -160,6 +185,7 @@ class FederatedRun:
         self.global_state = new_state
         self.rows += rows
         self.round = r
+        self.seconds += time.perf_counter() - t0
         self._save_checkpoint()
 
     def history(self) -> pd.DataFrame:
@@ -169,7 +195,8 @@ class FederatedRun:
     def _save_checkpoint(self) -> None:
         save_checkpoint(self.output_dir, self.round, self.global_state,
                         {cl.client_id: cl.local_state for cl in self.clients}, self.rows, self.config,
-                        self.info, self.inputs, extra={"strategy": self.strategy.state_dict()})
+                        self.info, self.inputs, extra={"strategy": self.strategy.state_dict(),
+                                                       "seconds": float(self.seconds)})
 
     def _load_checkpoint(self) -> None:
         """Resume from the verified checkpoint, after checking it was written by this very
@@ -182,13 +209,49 @@ class FederatedRun:
             saved = ckpt["local_states"].get(cl.client_id, {})
             cl.local_state = checked_state(saved, cl.local_state, path, f"client {cl.client_id}'s local state")
         restore_strategy(self.strategy, ckpt, path, self.global_state)
+        self.seconds = checked_seconds(ckpt["extra"].get("seconds", 0.0), path)
         self.rows = ckpt["history"]
         self.round = ckpt["round"]
         restore_rng(ckpt)
         log.info("resuming %s after round %d of %d", self.output_dir, self.round, self.config.num_rounds)
 
+    def _load_final(self, path: Path) -> None:
+        """A finished run of this very experiment (the checks of a resume): its history, and its
+        trained state when it kept one. Nothing is trained again."""
+        rec = load_final(path)
+        check_resume(rec, path, self.config, self.info, self.inputs)
+        if rec["round"] != self.config.num_rounds:
+            raise CheckpointError(f"{path} says round {rec['round']} of {self.config.num_rounds}: delete it, or "
+                                  f"start over with resume=False")
+        if self.keep_model and not rec["state"]:
+            raise CheckpointError(f"{path} kept no weights, but this run keeps its model: delete it, or start "
+                                  f"over with resume=False")
+        if rec["state"]:
+            own = {k: v for k, v in self.model.state_dict().items() if k.startswith(EXCHANGED_PREFIXES)}
+            state = checked_state(rec["state"], own, path, "the trained state")
+            self.model.load_state_dict(state, strict=False)
+            self.global_state = {k: state[k].to(v.device) for k, v in self.global_state.items()}
+            for cl in self.clients:
+                saved = rec["local_states"].get(cl.client_id, {})
+                cl.local_state = checked_state(saved, cl.local_state, path, f"client {cl.client_id}'s local state")
+        self.rows, self.round, self.seconds = rec["history"], rec["round"], rec["seconds"]
+        hist_frame = self.history()
+        atomic_write(self.output_dir / HISTORY, lambda tmp: hist_frame.to_csv(tmp, index=False))
+        (self.output_dir / CHECKPOINT).unlink(missing_ok=True)   # left by a stop just before it was removed
+        log.info("%s finished earlier (%d rounds): nothing to train", self.output_dir, self.round)
+
     def _save_final(self) -> None:
-        save_final_model(self.output_dir, self.model, self.config, self.info)
+        save_final(self.output_dir, self.model, self.round, {cl.client_id: cl.local_state for cl in self.clients},
+                   self.rows, self.config, self.info, self.inputs, self.seconds, keep_model=self.keep_model,
+                   trunk_dir=self.trunk_dir)
+        (self.output_dir / CHECKPOINT).unlink(missing_ok=True)
+
+
+def checked_seconds(value, path: Path) -> float:
+    if not (isinstance(value, float) and math.isfinite(value) and value >= 0):
+        raise CheckpointError(f"{path}: its run time {value!r} is not a number of seconds; delete it, or start "
+                              f"over with resume=False")
+    return value
 
 
 def checked_state(saved: dict, expected: dict, path: Path, what: str) -> dict:
@@ -217,33 +280,39 @@ def restore_strategy(strategy: Strategy, ckpt: dict, path: Path, global_state: d
 
 def run_federated(config: Config, splits: dict[str, pd.DataFrame], output_dir: str | Path,
                   resume: bool = True, client_frames: Optional[Sequence[pd.DataFrame]] = None,
-                  parts: Optional[RunParts] = None) -> RunResult:
+                  parts: Optional[RunParts] = None, trunk_dir: Optional[str | Path] = None) -> RunResult:
     """config.strategy over config.num_clients clients built from splits['train'] (or client_frames);
-    parts: already prepared ones (fedxray.parts), e.g. to run several strategies on one partition."""
+    parts: already prepared ones (fedxray.parts), e.g. to run several strategies on one partition.
+    trunk_dir: see FederatedRun."""
     parts = reuse(parts, config) if parts is not None else prepare(config, splits, client_frames)
-    return FederatedRun(parts, output_dir).run(resume=resume)
+    return FederatedRun(parts, output_dir, trunk_dir=trunk_dir).run(resume=resume)
 
 
 def run_centralized(config: Config, splits: dict[str, pd.DataFrame], output_dir: str | Path,
-                    resume: bool = True, parts: Optional[RunParts] = None) -> RunResult:
+                    resume: bool = True, parts: Optional[RunParts] = None,
+                    trunk_dir: Optional[str | Path] = None) -> RunResult:
     """The centralized baseline: one client holding all training data, same rounds and epochs, plain
     FedAvg (ordinary training). parts: reuse the federated run's caches, model and partition."""
     parts = reuse(parts, config) if parts is not None else prepare(config, splits)
-    return FederatedRun(centralized(parts), output_dir).run(resume=resume)
+    return FederatedRun(centralized(parts), output_dir, trunk_dir=trunk_dir, name="centralized").run(resume=resume)
 
 
 def run_local_only(config: Config, splits: dict[str, pd.DataFrame], output_dir: str | Path,
-                   resume: bool = True, parts: Optional[RunParts] = None) -> pd.DataFrame:
+                   resume: bool = True, parts: Optional[RunParts] = None, keep_models: bool = False,
+                   trunk_dir: Optional[str | Path] = None) -> pd.DataFrame:
     """The local-only baseline: each client trains alone on its partition (the federated run's),
     evaluated on the same val and test sets. Returns the combined history with 'client' naming the
-    client whose model was evaluated."""
+    client whose model was evaluated. Each client's run keeps only its history (final_result.pt),
+    unless keep_models."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with file_lock(output_dir / RUN_LOCK, wait=False, purpose=f"a local-only baseline in {output_dir}"):
         parts = reuse(parts, config) if parts is not None else prepare(config, splits)
         frames = []
         for k in range(len(parts.client_frames)):
-            h = FederatedRun(local_only(parts, k), output_dir / f"client_{k}").run(resume=resume).history
+            run = FederatedRun(local_only(parts, k), output_dir / f"client_{k}", keep_model=keep_models,
+                               trunk_dir=trunk_dir, name=f"local-only client {k}")
+            h = run.run(resume=resume).history
             h = hist.select(h).copy()
             h["client"] = str(k)
             frames.append(h)

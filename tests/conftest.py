@@ -61,3 +61,12 @@ def tiny_splits(tiny_nih):
     import fedxray
     meta = fedxray.load_nih(tiny_nih)
     return fedxray.split_by_patient(meta, val_fraction=0.2, seed=0, test_fraction=0.25)
+
+
+def run_unfinished(config, splits, output_dir, **kwargs):
+    """fedxray.run_federated stopped just before it ends (as by a kill after its last round): the
+    last round's checkpoint.pt stays, not yet replaced by final_model.pt."""
+    from fedxray.federated import FederatedRun, run_federated
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FederatedRun, "_save_final", lambda self: None)
+        return run_federated(config, splits, output_dir, **kwargs)

@@ -11,13 +11,14 @@ import torch
 
 import fedxray
 from fedxray import CheckpointError, Config, DivergenceError, run_federated, run_local_only
-from fedxray.checkpoint import CHECKPOINT, FINAL_MODEL, load_checkpoint
+from fedxray.checkpoint import CHECKPOINT, FINAL_MODEL, FINAL_RESULT, load_checkpoint
+from fedxray.saved_model import load_final
 from fedxray.device import predict
 from fedxray.federated import FederatedRun
 from fedxray.parts import prepare
 from fedxray.io import LockedError, file_lock
 
-from conftest import write_tiny_nih
+from conftest import run_unfinished, write_tiny_nih
 
 
 def _config(**kw):
@@ -54,7 +55,7 @@ def test_crafted_checkpoint_runs_no_code(tiny_splits, tmp_path):
 
 
 def test_truncated_and_damaged_checkpoints_name_the_file_and_the_remedy(tiny_splits, tmp_path):
-    run_federated(_config(), tiny_splits, tmp_path / "a")
+    run_unfinished(_config(), tiny_splits, tmp_path / "a")
     path = tmp_path / "a" / CHECKPOINT
     good = path.read_bytes()
 
@@ -93,7 +94,7 @@ def test_damaged_final_model_is_refused_as_weights(tiny_splits, tmp_path):
     path = tmp_path / FINAL_MODEL
     fedxray.build_model(weights=str(path))                          # intact: loads
     payload = torch.load(path, weights_only=True)
-    payload["state_dict"]["layer4.0.conv1.weight"].view(torch.int32).reshape(-1)[7] ^= 1 << 20
+    payload["state"]["layer4.0.conv1.weight"].view(torch.int32).reshape(-1)[7] ^= 1 << 20
     torch.save(payload, path)
     with pytest.raises(RuntimeError, match="fails its checksum"):
         fedxray.build_model(weights=str(path))
@@ -194,7 +195,8 @@ def test_local_only_partitions_the_same_usable_rows_as_fedavg(tmp_path):
     for k, frame in enumerate(fed.client_frames):
         info = json.loads((tmp_path / "local" / f"client_{k}" / "run_info.json").read_text())
         assert info["client_examples"] == [len(frame)], k
-        ckpt = load_checkpoint(tmp_path / "local" / f"client_{k}" / CHECKPOINT)
+        ckpt = load_final(tmp_path / "local" / f"client_{k}" / FINAL_RESULT)
+        assert not ckpt["state"] and ckpt["round"] == cfg.num_rounds      # the local models are not kept
         assert ckpt["inputs"]["client_0"] == fedxray.checkpoint.image_list_digest(frame)
 
 
@@ -208,7 +210,7 @@ def test_a_first_release_checkpoint_is_refused_with_its_reason(tiny_splits, tmp_
 
 def test_a_checkpoint_from_a_newer_config_names_the_file(tiny_splits, tmp_path):
     from fedxray.checkpoint import payload_digest
-    run_federated(_config(), tiny_splits, tmp_path)
+    run_unfinished(_config(), tiny_splits, tmp_path)
     payload = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     payload["config"] = json.dumps({**json.loads(payload["config"]), "clip_norm": 1.0})
     payload["checksum"] = payload_digest({k: v for k, v in payload.items() if k != "checksum"})
@@ -218,12 +220,13 @@ def test_a_checkpoint_from_a_newer_config_names_the_file(tiny_splits, tmp_path):
 
 
 def test_old_torch_is_refused_before_reading(tiny_splits, tmp_path, monkeypatch):
-    run_federated(_config(), tiny_splits, tmp_path)
+    run_unfinished(_config(), tiny_splits, tmp_path)
+    run_federated(_config(), tiny_splits, tmp_path / "done")
     monkeypatch.setattr(torch, "__version__", "2.5.1+cu121")
     with pytest.raises(CheckpointError, match=r"torch 2.5.1\+cu121.*CVE-2025-32434.*torch>=2.6"):
         load_checkpoint(tmp_path / CHECKPOINT)
     with pytest.raises(CheckpointError, match="CVE-2025-32434"):
-        fedxray.build_model(weights=str(tmp_path / FINAL_MODEL))
+        fedxray.build_model(weights=str(tmp_path / "done" / FINAL_MODEL))
 
 
 def test_preload_is_how_a_run_executes_not_what_it_computes(tiny_splits, tmp_path):

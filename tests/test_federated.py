@@ -9,8 +9,11 @@ import torch
 import fedxray
 from fedxray import LABELS, Config, NonFiniteLossError, run_centralized, run_federated, run_local_only
 from fedxray.checkpoint import load_checkpoint
+from fedxray.saved_model import load_final
 from fedxray.federated import CHECKPOINT, FederatedRun, cap_splits, sample_clients
 from fedxray.parts import prepare
+
+from conftest import run_unfinished
 
 
 def _config(**kw):
@@ -23,8 +26,9 @@ def test_run_writes_history_config_and_checkpoint(tiny_splits, tmp_path):
     res = run_federated(_config(num_rounds=2), tiny_splits, tmp_path)
     h = res.history
     assert list(h.columns) == ["round", "split", "client", "metric", "value"]
-    for name in ("history.csv", "config.json", "checkpoint.pt", "final_model.pt", "run_info.json"):
+    for name in ("history.csv", "config.json", "final_model.pt", "run_info.json"):
         assert (tmp_path / name).stat().st_size > 0, name
+    assert not (tmp_path / "checkpoint.pt").exists()                  # replaced by the final model
     on_disk = pd.read_csv(tmp_path / "history.csv", dtype={"client": str})
     assert len(on_disk) == len(h)
     assert json.loads((tmp_path / "config.json").read_text())["num_rounds"] == 2
@@ -181,7 +185,7 @@ def test_baselines_reuse_the_prepared_parts_and_start_from_the_initial_model(tin
     fed = FederatedRun(parts, tmp_path / "fed").run()
     monkeypatch.setattr(fedxray.parts, "build_model", lambda *a, **k: pytest.fail("a second model was built"))
     central = run_centralized(cfg, tiny_splits, tmp_path / "central", parts=parts)
-    ckpt = load_checkpoint(tmp_path / "central" / CHECKPOINT)
+    ckpt = load_final(tmp_path / "central" / "final_model.pt")
     assert ckpt["round"] == 1 and central.info["weights_source"] == fed.info["weights_source"]
     monkeypatch.undo()
     fresh = run_centralized(cfg, tiny_splits, tmp_path / "central_fresh")   # its own setup, from scratch
@@ -227,7 +231,7 @@ def test_every_strategy_resumes_to_the_uninterrupted_result(name, tiny_splits, t
 def test_a_damaged_strategy_state_in_a_checkpoint_is_refused(tiny_splits, tmp_path):
     from fedxray.checkpoint import payload_digest
     cfg = _strategy_config("fedadam", num_rounds=1)
-    run_federated(cfg, tiny_splits, tmp_path)
+    run_unfinished(cfg, tiny_splits, tmp_path)                      # the server state is in the checkpoint
     payload = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     moment = _first_float_tensor(payload["extra"]["strategy"])      # Adam's m or v after round 1
     moment.view(-1)[0] = float("nan")

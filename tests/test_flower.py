@@ -18,7 +18,7 @@ import torch
 
 import fedxray
 from fedxray import Config, run_federated
-from fedxray.checkpoint import load_checkpoint
+from fedxray.saved_model import load_final
 from fedxray.flower import (APP_DIR, config_from_run_config, run_config_from_config, write_client_folders,
                             write_nih_folder, write_run_config)
 from fedxray.flower.runconfig import FLOWER_KEYS, FaultPolicy, fault_policy
@@ -416,43 +416,27 @@ def test_flower_deployment_runs_strategies_one_after_the_other_as_in_process(tin
         raise
 
 
-def assert_close_nested(got, want, where: str = "") -> None:
-    """Two nests of dicts, lists, tensors and plain values are equal (tensors to float tolerance)."""
-    if isinstance(want, torch.Tensor):
-        assert isinstance(got, torch.Tensor), where
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=where)
-    elif isinstance(want, dict):
-        assert isinstance(got, dict) and set(got) == set(want), (where, sorted(got), sorted(want))
-        for k in want:
-            assert_close_nested(got[k], want[k], f"{where}[{k!r}]")
-    elif isinstance(want, (list, tuple)):
-        assert len(got) == len(want), where
-        for i, (g, w) in enumerate(zip(got, want)):
-            assert_close_nested(g, w, f"{where}[{i}]")
-    else:
-        assert got == want, where
-
-
 def compare_with_in_process(out: Path, sim_dir: Path, sim_model, rounds: int, own_info=()) -> None:
     """A Flower run's files hold the in-process run's weights, config, run info (but the entries
-    own_info), checkpoint (the strategy's server state included) and history (the same rows in the
-    same order, values to float tolerance)."""
-    got = torch.load(out / "final_model.pt", map_location="cpu", weights_only=True)
-    want = sim_model.state_dict()
-    assert set(got["state_dict"]) == set(want)
+    own_info), final record (rounds, inputs, trunk) and history (the same rows in the same order,
+    values to float tolerance)."""
+    final, sim_final = (load_final(d / "final_model.pt") for d in (out, sim_dir))
+    want = {k: v for k, v in sim_model.state_dict().items() if k.startswith(EXCHANGED_PREFIXES)}
+    assert set(final["state"]) == set(want) == set(sim_final["state"])
     for key, value in want.items():
-        torch.testing.assert_close(got["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(final["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for k, v in fedxray.load_model(out / "final_model.pt").state_dict().items():   # rebuilt whole
+        torch.testing.assert_close(v, sim_model.state_dict()[k], rtol=1e-5, atol=1e-6, msg=k)
 
     assert json.loads((out / "config.json").read_text()) == json.loads((sim_dir / "config.json").read_text())
     info, sim_info = (json.loads((d / "run_info.json").read_text()) for d in (out, sim_dir))
     assert {k: info[k] for k in sim_info if k not in own_info} == {k: v for k, v in sim_info.items()
                                                                    if k not in own_info}
     assert info["engine"] == "flower"
-    ckpt, sim_ckpt = (load_checkpoint(d / "checkpoint.pt") for d in (out, sim_dir))
-    assert set(ckpt) == set(sim_ckpt) and ckpt["round"] == rounds
-    assert set(got) == set(torch.load(sim_dir / "final_model.pt", map_location="cpu", weights_only=True))
-    assert ckpt["inputs"] == sim_ckpt["inputs"]          # the same trunk, val, test and client image lists
-    assert_close_nested(ckpt["extra"], sim_ckpt["extra"], "extra")   # the strategy's server state
+    assert final["round"] == sim_final["round"] == rounds
+    assert not (out / "checkpoint.pt").exists() and not (sim_dir / "checkpoint.pt").exists()
+    assert final["inputs"] == sim_final["inputs"]        # the same trunk, val, test and client image lists
+    assert final["trunk"] == sim_final["trunk"]
     key_cols = ["round", "split", "client", "metric"]
     h, sim_h = (pd.read_csv(d / "history.csv", dtype={"client": str}) for d in (out, sim_dir))
     assert list(h.columns) == list(sim_h.columns)

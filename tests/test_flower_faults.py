@@ -20,6 +20,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 import fedxray  # noqa: E402
 from fedxray import Config, run_federated  # noqa: E402
 from fedxray.checkpoint import CheckpointError, image_list_digest, load_checkpoint  # noqa: E402
+from fedxray.saved_model import load_final  # noqa: E402
 from fedxray.client import Client, ClientUpdate  # noqa: E402
 from fedxray.flower import client_app, write_client_folders, write_nih_folder, write_run_config  # noqa: E402
 from fedxray.flower.records import (MAX_UPDATE_FACTOR, MessageError, check_query_reply,  # noqa: E402
@@ -584,14 +585,15 @@ def test_min_replies_drops_silent_offline_and_refused_clients_and_records_them(f
     want = fedxray.fedavg(replies, [len(parts3[0]), len(parts3[2])])
     for k, v in want.items():
         assert torch.equal(server.global_state[k].cpu(), v), k
-    assert load_checkpoint(out / "checkpoint.pt")["round"] == 3 and (out / "final_model.pt").exists()
+    assert load_final(out / "final_model.pt")["round"] == 3 and not (out / "checkpoint.pt").exists()
 
 
 @pytest.mark.parametrize("name", ["fedadam", "scaffold"])
 def test_a_restarted_server_resumes_to_the_uninterrupted_result(name, folders, tiny_splits, tmp_path):
-    """Killed after round 1 (in round 2), restarted: the same weights, history and strategy server
-    state (FedAdam's moments, SCAFFOLD's control variates) as one uninterrupted in-process run; a
-    restart with other inputs is refused, naming what changed."""
+    """Killed after round 1 (in round 2), restarted: the same weights and history as one
+    uninterrupted in-process run (round 3's weights need round 2's strategy server state, FedAdam's
+    moments or SCAFFOLD's control variates, restored exactly); a restart on the finished run with
+    other inputs is refused, naming what changed."""
     config = strategy_config(name, num_rounds=3)
     out = tmp_path / "restarted"
 
@@ -611,17 +613,17 @@ def test_a_restarted_server_resumes_to_the_uninterrupted_result(name, folders, t
 
     # The same folder with another client's data, another config, or a damaged checkpoint.
     server = ServerRun(config, folders["val"], folders["test"], out)
-    digests = load_checkpoint(out / "checkpoint.pt")["inputs"]
+    digests = load_final(out / "final_model.pt")["inputs"]
     clients = {k: digests[f"client_{k}"] for k in (0, 1)}
     with pytest.raises(CheckpointError, match=r"other images or labels for client_1"):
         server.start({0: 12, 1: 9}, {**clients, 1: "0" * 64})
     other = ServerRun(dataclasses.replace(config, lr=config.lr / 2), folders["val"], folders["test"], out)
     with pytest.raises(CheckpointError, match=r"another configuration.*'lr'"):
         other.start({0: 12, 1: 9}, clients)
-    data = bytearray((out / "checkpoint.pt").read_bytes())
+    data = bytearray((out / "final_model.pt").read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (out / "checkpoint.pt").write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"checkpoint.pt"):
+    (out / "final_model.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"final_model.pt"):
         ServerRun(config, folders["val"], folders["test"], out).start({0: 12, 1: 9}, clients)
 
 
@@ -751,10 +753,10 @@ def test_a_killed_supernode_is_dropped_and_the_run_completes(folders, tmp_path, 
         dropped = h[h["metric"].str.startswith("dropped_")]
         assert dropped[["round", "client"]].values.tolist() == [[2, "1"]], dropped
         assert dropped["metric"].iloc[0] in ("dropped_lost", "dropped_no_reply")   # heartbeat or timeout first
-        assert load_checkpoint(out / "checkpoint.pt")["round"] == 2
+        assert load_final(out / "final_model.pt")["round"] == 2
         log = (tmp_path / "flwr_run.log").read_text(errors="replace")
         assert "round 2: client 1 (node " in log
-        final = torch.load(out / "final_model.pt", map_location="cpu", weights_only=True)["state_dict"]
+        final = load_final(out / "final_model.pt")["state"]
         assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
     except BaseException:
         print(processes.logs())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -12,14 +13,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from .. import history as hist
-from ..checkpoint import (CHECKPOINT, CONFIG, FINAL_MODEL, HISTORY, RUN_INFO, CheckpointError, check_resume,
-                          clean_orphans, load_checkpoint, restore_rng, save_checkpoint, save_final_model)
+from ..checkpoint import (CHECKPOINT, CONFIG, HISTORY, RUN_INFO, CheckpointError, check_resume, clean_orphans,
+                          load_checkpoint, restore_rng, save_checkpoint)
 from ..client import ClientUpdate, DivergenceError
 from ..config import Config
 from ..data import load_nih
-from ..federated import RUN_LOCK, checked_state, evaluate, restore_strategy
+from ..federated import RUN_LOCK, checked_seconds, checked_state, evaluate, restore_strategy
 from ..io import atomic_write_text, file_lock
+from ..model import EXCHANGED_PREFIXES
 from ..parts import DataSource, RunParts, assemble
+from ..saved_model import FINISHED, finished, load_final, save_final
 from .records import TRUNK_DIGEST, to_record, to_state
 from .runconfig import (FaultPolicy, check_supported, config_from_run_config, fault_policy, log_to_flower,
                         server_paths)
@@ -62,6 +65,9 @@ class ServerRun:
         self.rows: list[dict] = []
         self.pending_rows: list[dict] = []   # the round's training rows, until its evaluation
         self.round = 0
+        self.seconds = 0.0                   # rounds' wall time, summed over restarts
+        self.done = False                    # a finished run found in output_dir
+        self.round_started = time.perf_counter()
         self.inputs = self.parts.inputs()    # the clients' image lists are added from the query
         self.trunk_digest = self.inputs["trunk"]
         self.info = {**self.parts.info(), "engine": "flower", "flwr": _flwr_version(),
@@ -80,6 +86,10 @@ class ServerRun:
         self.inputs.update({f"client_{k}": d for k, d in sorted(client_digests.items())})
         self.output_dir.mkdir(parents=True, exist_ok=True)
         clean_orphans(self.output_dir)
+        done = finished(self.output_dir)
+        if done is not None:
+            self._finished(done)
+            return
         if (self.output_dir / CHECKPOINT).exists():
             try:
                 self._resume()
@@ -87,7 +97,7 @@ class ServerRun:
                 raise CheckpointError(f"{e} (on Flower: choose another output-dir, or delete "
                                       f"{self.output_dir / CHECKPOINT} to start over)") from None
             return
-        for name in (HISTORY, FINAL_MODEL):
+        for name in (HISTORY, *FINISHED):
             (self.output_dir / name).unlink(missing_ok=True)
         self.config.save(self.output_dir / CONFIG)
         atomic_write_text(self.output_dir / RUN_INFO, json.dumps(self.info, indent=2) + "\n")
@@ -101,10 +111,25 @@ class ServerRun:
         check_resume(ckpt, path, self.config, self.info, self.inputs)
         self.global_state = checked_state(ckpt["global_state"], self.global_state, path, "global_state")
         restore_strategy(self.strategy, ckpt, path, self.global_state)
+        self.seconds = checked_seconds(ckpt["extra"].get("seconds", 0.0), path)
         self.rows = ckpt["history"]
         self.round = ckpt["round"]
         restore_rng(ckpt)
         log.info("resuming %s after round %d of %d", self.output_dir, self.round, self.config.num_rounds)
+
+    def _finished(self, path: Path) -> None:
+        """A run that already ended in output_dir, after the checks of a resume: nothing to do."""
+        rec = load_final(path)
+        try:
+            check_resume(rec, path, self.config, self.info, self.inputs)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e} (on Flower: choose another output-dir, or delete {path} to start "
+                                  f"over)") from None
+        own = {k: v for k, v in self.model.state_dict().items() if k.startswith(EXCHANGED_PREFIXES)}
+        state = checked_state(rec["state"], own, path, "the trained state")
+        self.global_state = {k: state[k].to(v.device) for k, v in self.global_state.items()}
+        self.rows, self.round, self.seconds, self.done = rec["history"], rec["round"], rec["seconds"], True
+        log.info("%s holds a finished run (%d rounds): nothing to do", self.output_dir, self.round)
 
     # ------------------------------------------------------------------ rounds
     def run(self, grid: Grid, flower: FedXrayStrategy) -> None:
@@ -112,9 +137,12 @@ class ServerRun:
         diverged aggregate) stops the run before anything of that round is written, with the
         strategy's server state as the last checkpoint has it."""
         c = self.config
+        if self.done:
+            return
         settings = ConfigRecord({TRUNK_DIGEST: self.trunk_digest})
         for r in range(self.round + 1, c.num_rounds + 1):
             log.info("[ROUND %d/%d]", r, c.num_rounds)
+            self.round_started = time.perf_counter()
             messages = flower.configure_train(r, to_record(self.global_state), ConfigRecord(dict(settings)), grid)
             replies = flower.exchange(grid, messages, self.faults.round_timeout)
             before = self.strategy.state_dict()
@@ -154,6 +182,8 @@ class ServerRun:
         self.global_state = state
         self.round = server_round
         self.rows += rows
+        if server_round > 0:
+            self.seconds += time.perf_counter() - self.round_started
         self.save_checkpoint()
         summary = {f"{row['split']} {row['metric']}": round(row["value"], 4) for row in rows
                    if row["client"] in (hist.GLOBAL, hist.ALL)
@@ -168,11 +198,14 @@ class ServerRun:
         state in its extra)."""
         save_checkpoint(self.output_dir, self.round, self.global_state,
                         {k: {} for k in range(self.config.num_clients)}, self.rows, self.config, self.info,
-                        self.inputs, extra={"strategy": self.strategy.state_dict()})
+                        self.inputs, extra={"strategy": self.strategy.state_dict(), "seconds": float(self.seconds)})
 
     def save_final(self) -> None:
+        """final_model.pt (fedxray.saved_model) in place of the checkpoint, as FederatedRun ends."""
         self.model.load_state_dict(self.global_state, strict=False)
-        save_final_model(self.output_dir, self.model, self.config, self.info)
+        save_final(self.output_dir, self.model, self.round, {}, self.rows, self.config, self.info, self.inputs,
+                   self.seconds)
+        (self.output_dir / CHECKPOINT).unlink(missing_ok=True)
 
 
 def _flwr_version() -> str:
