@@ -75,3 +75,22 @@ def last_value(rows: Sequence[dict] | pd.DataFrame, split: str, metric: str, cli
     h = rows if isinstance(rows, pd.DataFrame) else frame(rows)
     s = select(h, split, metric, client)
     return float(s["value"].iloc[-1]) if len(s) else float("nan")
+
+
+def read(path) -> pd.DataFrame:
+    """A history.csv as written by fedxray, checked: its columns, integer rounds, known splits and
+    numeric values (ValueError names the file and what is wrong)."""
+    try:
+        h = pd.read_csv(path, dtype={"client": str, "split": str, "metric": str})
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable history CSV ({type(e).__name__}: {e})") from None
+    if list(h.columns) != COLUMNS:
+        raise ValueError(f"{path}: columns {list(h.columns)}, expected {COLUMNS}")
+    if not pd.api.types.is_integer_dtype(h["round"]) or (h["round"] < 0).any():
+        raise ValueError(f"{path}: column 'round' must hold integers >= 0")
+    if not pd.api.types.is_numeric_dtype(h["value"]):
+        raise ValueError(f"{path}: column 'value' must be numeric")
+    unknown = sorted(set(h["split"]) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"{path}: unknown split(s) {unknown[:3]}; expected {SPLITS}")
+    return h
