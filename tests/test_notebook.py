@@ -1,6 +1,8 @@
 """The notebook, executed top to bottom by papermill on the demo data with small parameters."""
 import json
+import logging
 
+import pandas as pd
 import pytest
 
 from conftest import ROOT
@@ -11,42 +13,95 @@ FIGURES = ("prevalence", "partition_heatmap", "loss_curves", "mean_auroc", "auro
            "strategies_val_auroc", "strategies_test_auroc")
 
 
-def test_committed_notebook_has_a_parameters_cell_and_no_outputs():
+def _parameters_cell() -> str:
     nb = json.loads(NOTEBOOK.read_text())
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     assert "parameters" in code[0]["metadata"].get("tags", [])
-    for c in code:
+    return "".join(code[0]["source"])
+
+
+def test_committed_notebook_has_a_parameters_cell_and_no_outputs():
+    nb = json.loads(NOTEBOOK.read_text())
+    for c in nb["cells"]:
         assert not c.get("outputs") and c.get("execution_count") is None
-    params = "".join(code[0]["source"])
-    for name in ("data_dir", "output_dir", "num_clients", "num_rounds", "local_epochs", "fraction_fit",
-                 "batch_size", "lr", "image_size", "partition", "alpha", "seed", "weights", "max_images",
-                 "strategy", "compare", *fedxray_config.STRATEGY_FIELDS):
-        assert f"\n{name} = " in "\n" + params, name
+    names = _defined(_parameters_cell())
+    for name in ("data_dir", "output_dir", "resume", "progress", "num_clients", "num_rounds", "local_epochs",
+                 "fraction_fit", "batch_size", "lr", "image_size", "partition", "alpha", "seed", "weights",
+                 "max_images", "strategy", "compare", *fedxray_config.STRATEGY_FIELDS):
+        assert name in names, name
+
+
+def _defined(source: str) -> dict:
+    scope: dict = {}
+    exec(compile(source, "parameters", "exec"), scope)
+    return {k: v for k, v in scope.items() if not k.startswith("__") and k != "Optional"}
+
+
+def test_papermill_reads_every_parameter_with_its_type_and_comment(caplog):
+    """papermill --help-notebook lists each parameter with its type and help, and parses the cell
+    without "Unable to parse line" (a comment holding '=' once broke two parameters)."""
+    pm = pytest.importorskip("papermill")
+    with caplog.at_level(logging.WARNING, logger="papermill"):
+        inferred = pm.inspect_notebook(str(NOTEBOOK))
+    assert not [r for r in caplog.records if "Unable to parse" in r.getMessage()]
+    values = _defined(_parameters_cell())
+    assert set(inferred) == set(values)
+    for name, p in inferred.items():
+        assert p["inferred_type_name"] not in ("None", ""), name
+        assert len(p["help"]) > 5, name
+        assert eval(p["default"], {}) == values[name], name
+
+
+def _execute(tmp_path, name: str, **parameters):
+    pm = pytest.importorskip("papermill")
+    small = dict(data_dir="demo", num_clients=2, num_rounds=1, max_images=40, image_size=64, batch_size=16,
+                 progress=False)
+    out = tmp_path / f"{name}.ipynb"
+    pm.execute_notebook(str(NOTEBOOK), str(out), kernel_name="python3", cwd=str(ROOT), progress_bar=False,
+                        parameters={**small, **parameters})
+    return out.read_text()
 
 
 @pytest.mark.slow
-def test_notebook_runs_on_demo_data(tmp_path):
-    pm = pytest.importorskip("papermill")
-    out = tmp_path / "run"
-    pm.execute_notebook(
-        str(NOTEBOOK), str(tmp_path / "executed.ipynb"), kernel_name="python3", cwd=str(ROOT),
-        progress_bar=False,
-        parameters=dict(data_dir="demo", output_dir=str(out), num_clients=2, num_rounds=1,
-                        max_images=40, image_size=64, batch_size=16, copy_figures_to=str(tmp_path / "copies"),
-                        compare=["fedavg", "fedprox"], proximal_mu=0.1, eta=0.05))   # eta: fedprox must ignore it
-    for run in ("fedavg", "centralized", "local_only/client_0", "local_only/client_1", "compare/fedprox"):
+def test_notebook_runs_tweaked_and_again_on_demo_data(tmp_path):
+    """Run All, then Run All with another lr in the same output root (a new run in its own
+    folder), then the first configuration again (found and read back: nothing retrained)."""
+    root = tmp_path / "runs"
+    first = _execute(tmp_path, "first", output_dir=str(root), copy_figures_to=str(tmp_path / "copies"),
+                     compare=["fedavg", "fedprox"], proximal_mu=0.1, eta=0.05)   # eta: fedprox must ignore it
+    (run,) = [m.parent for m in root.glob("*/run.json")]
+    for method in ("fedavg", "centralized", "compare/fedprox"):
         for name in ("history.csv", "config.json", "final_model.pt"):
-            assert (out / run / name).stat().st_size > 0, f"{run}/{name}"
-    assert (out / "test_auroc.csv").stat().st_size > 0
+            assert (run / method / name).stat().st_size > 0, f"{method}/{name}"
+        assert not (run / method / "checkpoint.pt").exists()
+    for k in (0, 1):                                              # local-only: histories, no models
+        assert (run / "local_only" / f"client_{k}" / "final_result.pt").exists()
+        assert not (run / "local_only" / f"client_{k}" / "final_model.pt").exists()
+    assert len(list((root / "trunks").glob("trunk-*.pt"))) == 1    # random weights: one trunk for all
+    assert (run / "test_auroc.csv").stat().st_size > 0
     for fig in FIGURES:
         for ext in ("png", "pdf"):
-            assert (out / "figures" / f"{fig}.{ext}").stat().st_size > 1000, f"{fig}.{ext}"
+            assert (run / "figures" / f"{fig}.{ext}").stat().st_size > 1000, f"{fig}.{ext}"
         assert (tmp_path / "copies" / f"{fig}.png").stat().st_size > 1000
-    text = (tmp_path / "executed.ipynb").read_text()
-    assert "synthetic demo data" in text
-    saved = json.loads((out / "compare" / "fedprox" / "config.json").read_text())
+    assert "synthetic demo data" in first and "0%|" not in first
+    saved = json.loads((run / "compare" / "fedprox" / "config.json").read_text())
     assert (saved["strategy"], saved["proximal_mu"], saved["eta"]) == ("fedprox", 0.1, None)
-    assert not (out / "compare" / "fedavg").exists()              # the main run is fedavg: not trained twice
+    assert not (run / "compare" / "fedavg").exists()              # the main run is fedavg: not trained twice
+
+    _execute(tmp_path, "second", output_dir=str(root), lr=0.01, run_baselines=False, compare=[])
+    second = [m.parent for m in root.glob("*/run.json") if m.parent != run]
+    assert len(second) == 1 and "_lr=0.01_" in second[0].name
+    assert (second[0] / "fedavg" / "final_model.pt").exists()
+    table = pd.read_csv(root / "runs.csv")
+    assert len(table) == 2 and sorted(table["param lr"]) == [0.001, 0.01]
+    assert table["complete"].all() and table["fedavg test"].notna().all()
+
+    stamp = {p: p.stat().st_mtime_ns for p in run.rglob("*.pt")}
+    again = _execute(tmp_path, "again", output_dir=str(root), compare=["fedavg", "fedprox"], proximal_mu=0.1,
+                     eta=0.05)
+    assert "found again" in again and "finished earlier" in again
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*.pt")} == stamp   # nothing trained or rewritten
+    assert len(pd.read_csv(root / "runs.csv")) == 2
 
 
 @pytest.mark.slow
