@@ -136,9 +136,14 @@ class FederatedRun:
         return RunResult(self.history(), self.model if self.keep_model else None, self.output_dir, self.info)
 
     def _postfix(self, rounds, client: Optional[str] = None) -> None:
+        """The bar's postfix: the round done, its validation AUROC and what runs now; redrawn at
+        most once a second (an exported notebook keeps every redraw)."""
         auroc = hist.last_value(self.rows, "val", "mean_auroc")
         rounds.set_postfix_str(f"round {self.round}/{self.config.num_rounds}, val AUROC {auroc:.3f}"
-                               + (f", {client}" if client else ""))
+                               + (f", {client}" if client else ""), refresh=False)
+        if time.monotonic() - getattr(rounds, "drawn_at", 0.0) >= 1.0:
+            rounds.refresh()
+            rounds.drawn_at = time.monotonic()
 
     def _start_fresh(self) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)

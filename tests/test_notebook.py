@@ -1,6 +1,7 @@
 """The notebook, executed top to bottom by papermill on the demo data with small parameters."""
 import json
 import logging
+import re
 
 import pandas as pd
 import pytest
@@ -62,13 +63,32 @@ def _execute(tmp_path, name: str, **parameters):
     return out.read_text()
 
 
+def _as_displayed(notebook_text: str) -> list[str]:
+    """The text lines of every output as a notebook viewer shows them: consecutive outputs of one
+    stream joined, each line only what follows its last carriage return; and the plain text of
+    displayed objects (where a progress widget leaves its "0%" placeholder)."""
+    lines = []
+    for cell in json.loads(notebook_text)["cells"]:
+        text, name = "", None
+        for out in cell.get("outputs", []) + [{"output_type": "end"}]:
+            if out["output_type"] == "stream" and out["name"] == name:
+                text += "".join(out["text"])
+                continue
+            lines += [line.rsplit("\r", 1)[-1] for line in text.split("\n")]
+            text, name = ("".join(out["text"]), out["name"]) if out["output_type"] == "stream" else ("", None)
+            if out["output_type"] == "display_data":
+                lines += "".join(out["data"].get("text/plain", "")).split("\n")
+    return [line for line in lines if line.strip()]
+
+
 @pytest.mark.slow
 def test_notebook_runs_tweaked_and_again_on_demo_data(tmp_path):
     """Run All, then Run All with another lr in the same output root (a new run in its own
     folder), then the first configuration again (found and read back: nothing retrained)."""
     root = tmp_path / "runs"
     first = _execute(tmp_path, "first", output_dir=str(root), copy_figures_to=str(tmp_path / "copies"),
-                     compare=["fedavg", "fedprox"], proximal_mu=0.1, eta=0.05)   # eta: fedprox must ignore it
+                     compare=["fedavg", "fedprox"], proximal_mu=0.1, eta=0.05,   # eta: fedprox must ignore it
+                     progress=True)
     (run,) = [m.parent for m in root.glob("*/run.json")]
     for method in ("fedavg", "centralized", "compare/fedprox"):
         for name in ("history.csv", "config.json", "final_model.pt"):
@@ -83,7 +103,11 @@ def test_notebook_runs_tweaked_and_again_on_demo_data(tmp_path):
         for ext in ("png", "pdf"):
             assert (run / "figures" / f"{fig}.{ext}").stat().st_size > 1000, f"{fig}.{ext}"
         assert (tmp_path / "copies" / f"{fig}.png").stat().st_size > 1000
-    assert "synthetic demo data" in first and "0%|" not in first
+    assert "synthetic demo data" in first
+    shown = _as_displayed(first)        # what Jupyter or nbconvert shows of the exported notebook
+    bars = [line for line in shown if re.search(r"\| \d+/\d+ \[", line)]   # tqdm's "| n/total [time"
+    assert len(bars) == 1 + 1 + 2 + 1 and all("100%|" in b and "val AUROC" in b for b in bars), bars
+    assert not [line for line in shown if "0%|" in line and "100%|" not in line]
     saved = json.loads((run / "compare" / "fedprox" / "config.json").read_text())
     assert (saved["strategy"], saved["proximal_mu"], saved["eta"]) == ("fedprox", 0.1, None)
     assert not (run / "compare" / "fedavg").exists()              # the main run is fedavg: not trained twice
