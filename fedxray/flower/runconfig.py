@@ -55,7 +55,7 @@ class NodeSettings:
 
 @dataclass(frozen=True)
 class ServerPaths:
-    output_dir: Path   # history.csv, config.json, checkpoint.pt, run_info.json, final_model.pt
+    output_dir: Path   # history.csv, config.json, run_info.json, checkpoint.pt (while running), final_model.pt
     val_dir: Path      # NIH-layout folders held by the server, never sent to the clients
     test_dir: Path
 
