@@ -34,6 +34,8 @@ KIND = "fedxray final model"
 TRUNK_KIND = "fedxray trunk"
 FORMAT = 1
 TRUNKS = "trunks"
+_TRUNK_SEARCH_DEPTH = 4      # the model's folder and three above (the notebook's root is two above)
+_LOADING: set[Path] = set()    # final models being loaded now: a trunk source that leads back is refused
 _FIELDS = ("kind", "format", "round", "state", "local_states", "labels", "trunk", "history", "config", "info",
            "inputs", "seconds", "checksum")
 
@@ -141,10 +143,21 @@ def load_model(path: str | os.PathLike, client: Optional[int] = None, weights: O
 
     The trunk is rebuilt from the weights the run used (or `weights`, e.g. the ImageNet file's
     path on this machine) and must have the digest the run recorded; else a stored trunk
-    (`trunk`, or trunks/trunk-<digest>.pt in the file's folder or any folder above it) is used.
+    (`trunk`, or trunks/trunk-<digest>.pt in the file's folder or up to three folders above) is used.
     client: under FedBN (bn_policy "local"), whose BatchNorm to use (default: the global model's).
     """
     path = Path(path)
+    if path.resolve() in _LOADING:
+        raise CheckpointError(f"{path}: its trunk is said to come from a final model that leads back to it "
+                              f"(a file edited by hand?); pass weights= or trunk=")
+    _LOADING.add(path.resolve())
+    try:
+        return _load_model(path, client, weights, trunk)
+    finally:
+        _LOADING.discard(path.resolve())
+
+
+def _load_model(path: Path, client, weights, trunk) -> ChestXrayResNet:
     rec = load_final(path)
     if not rec["state"]:
         raise CheckpointError(f"{path} is a finished run that kept no weights (e.g. a local-only client); "
@@ -209,7 +222,7 @@ def _trunk_candidates(path: Path, ref: dict, weights: Optional[str], trunk) -> S
         out.append(named(source))
     elif source.startswith("file:"):
         out.append(named(source.removeprefix("file:")))
-    for folder in [path.parent, *path.parent.parents]:
+    for folder in [path.parent, *path.parent.parents][:_TRUNK_SEARCH_DEPTH]:
         for f in (folder / trunk_file(digest), folder / TRUNKS / trunk_file(digest)):
             if f.exists():
                 out.append(stored(f))

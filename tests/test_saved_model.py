@@ -1,5 +1,7 @@
 """A finished run is one file: what was trained, its history and a reference to the trunk;
 fedxray.load_model rebuilds the whole model from it and checks the trunk."""
+import shutil
+
 import pytest
 import torch
 
@@ -33,18 +35,19 @@ def test_load_model_rebuilds_the_trained_model(tiny_splits, tmp_path):
 
 
 def test_the_random_trunk_is_stored_once_per_root_and_used_when_rebuilding_fails(tiny_splits, tmp_path, monkeypatch):
-    a = run_federated(_config(), tiny_splits, tmp_path / "a")
-    run_federated(_config(lr=1e-2), tiny_splits, tmp_path / "b")
-    stored = list((tmp_path / TRUNKS).iterdir())
-    digest = load_final(tmp_path / "a" / FINAL_MODEL)["trunk"]["digest"]
+    root = tmp_path / "deep" / "root"                               # no other test's trunk within reach above
+    a = run_federated(_config(), tiny_splits, root / "a")
+    run_federated(_config(lr=1e-2), tiny_splits, root / "b")
+    stored = list((root / TRUNKS).iterdir())
+    digest = load_final(root / "a" / FINAL_MODEL)["trunk"]["digest"]
     assert [p.name for p in stored] == [trunk_file(digest)]             # one trunk for both runs
     # Another torch that initialises differently: the seed no longer rebuilds the trunk.
     monkeypatch.setattr(torch, "manual_seed", lambda seed: torch.random.default_generator.manual_seed(seed + 1))
-    loaded = load_model(tmp_path / "a" / FINAL_MODEL)
+    loaded = load_model(root / "a" / FINAL_MODEL)
     assert torch.equal(_logits(loaded), _logits(a.model))
     stored[0].unlink()
     with pytest.raises(CheckpointError, match=r"no trunk with digest.*weights=.*trunk="):
-        load_model(tmp_path / "a" / FINAL_MODEL)
+        load_model(root / "a" / FINAL_MODEL)
 
 
 def test_a_finished_run_trains_nothing_when_run_again(tiny_splits, tmp_path, monkeypatch):
@@ -73,3 +76,17 @@ def test_a_damaged_final_model_is_refused_naming_it(tiny_splits, tmp_path):
         load_model(path)
     run_federated(_config(), tiny_splits, tmp_path, resume=False)  # the remedy works
     load_model(path)
+
+
+def test_a_trunk_source_that_leads_back_to_itself_is_refused(tiny_splits, tmp_path):
+    from fedxray.checkpoint import payload_digest
+    out = tmp_path / "a" / "b" / "c"                                  # no stored trunk within reach above
+    run_federated(_config(), tiny_splits, out)
+    shutil.rmtree(out.parent / TRUNKS)
+    path = out / FINAL_MODEL
+    rec = torch.load(path, weights_only=True)
+    rec["trunk"] = {**rec["trunk"], "source": f"file:{path}"}        # crafted: "my trunk is in me"
+    rec["checksum"] = payload_digest({k: v for k, v in rec.items() if k != "checksum"})
+    torch.save(rec, path)
+    with pytest.raises(CheckpointError, match="no trunk with digest.*leads back"):
+        load_model(path)
