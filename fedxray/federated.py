@@ -223,17 +223,11 @@ class FederatedRun:
     def _load_final(self, path: Path) -> None:
         """A finished run of this very experiment (the checks of a resume): its history, and its
         trained state when it kept one. Nothing is trained again."""
-        rec = load_final(path)
-        check_resume(rec, path, self.config, self.info, self.inputs)
-        if rec["round"] != self.config.num_rounds:
-            raise CheckpointError(f"{path} says round {rec['round']} of {self.config.num_rounds}: delete it, or "
-                                  f"start over with resume=False")
-        if self.keep_model and not rec["state"]:
+        rec, state = read_finished(path, self.config, self.info, self.inputs, self.model)
+        if self.keep_model and not state:
             raise CheckpointError(f"{path} kept no weights, but this run keeps its model: delete it, or start "
                                   f"over with resume=False")
-        if rec["state"]:
-            own = {k: v for k, v in self.model.state_dict().items() if k.startswith(EXCHANGED_PREFIXES)}
-            state = checked_state(rec["state"], own, path, "the trained state")
+        if state:
             self.model.load_state_dict(state, strict=False)
             self.global_state = {k: state[k].to(v.device) for k, v in self.global_state.items()}
             for cl in self.clients:
@@ -250,6 +244,21 @@ class FederatedRun:
                    self.rows, self.config, self.info, self.inputs, self.seconds, keep_model=self.keep_model,
                    trunk_dir=self.trunk_dir)
         (self.output_dir / CHECKPOINT).unlink(missing_ok=True)
+
+
+def read_finished(path: Path, config: Config, info: dict, inputs: dict, model: ChestXrayResNet) -> tuple[dict, dict]:
+    """A finished run's record (fedxray.saved_model) after the checks of a resume (same config,
+    weights, trunk and images; all its rounds), and its trained state checked against model's
+    layer4 and fc ({} for a run that kept no weights). Both drivers read finished runs with it."""
+    rec = load_final(path)
+    check_resume(rec, path, config, info, inputs)
+    if rec["round"] != config.num_rounds:
+        raise CheckpointError(f"{path} says round {rec['round']} of {config.num_rounds}: delete it, or start "
+                              f"over with resume=False")
+    if not rec["state"]:
+        return rec, {}
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(EXCHANGED_PREFIXES)}
+    return rec, checked_state(rec["state"], own, path, "the trained state")
 
 
 def checked_seconds(value, path: Path) -> float:

@@ -615,6 +615,12 @@ def test_a_restarted_server_resumes_to_the_uninterrupted_result(name, folders, t
     server = ServerRun(config, folders["val"], folders["test"], out)
     digests = load_final(out / "final_model.pt")["inputs"]
     clients = {k: digests[f"client_{k}"] for k in (0, 1)}
+    again = ServerRun(config, folders["val"], folders["test"], out)   # the same run, finished: nothing to do
+    again.start({0: 12, 1: 9}, clients)
+    assert again.done and again.round == 3 and len(again.history()) == len(sim.history)
+    saved = load_final(out / "final_model.pt")["state"]
+    assert all(torch.equal(again.global_state[k].cpu(), saved[k]) for k in saved)
+    again.run(grid=None, flower=None)                                 # returns before touching the grid
     with pytest.raises(CheckpointError, match=r"other images or labels for client_1"):
         server.start({0: 12, 1: 9}, {**clients, 1: "0" * 64})
     other = ServerRun(dataclasses.replace(config, lr=config.lr / 2), folders["val"], folders["test"], out)

@@ -18,11 +18,10 @@ from ..checkpoint import (CHECKPOINT, CONFIG, HISTORY, RUN_INFO, CheckpointError
 from ..client import ClientUpdate, DivergenceError
 from ..config import Config
 from ..data import load_nih
-from ..federated import RUN_LOCK, checked_seconds, checked_state, evaluate, restore_strategy
+from ..federated import RUN_LOCK, checked_seconds, checked_state, evaluate, read_finished, restore_strategy
 from ..io import atomic_write_text, file_lock
-from ..model import EXCHANGED_PREFIXES
 from ..parts import DataSource, RunParts, assemble
-from ..saved_model import FINISHED, finished, load_final, save_final
+from ..saved_model import FINISHED, finished, save_final
 from .records import TRUNK_DIGEST, to_record, to_state
 from .runconfig import (FaultPolicy, check_supported, config_from_run_config, fault_policy, log_to_flower,
                         server_paths)
@@ -119,14 +118,13 @@ class ServerRun:
 
     def _finished(self, path: Path) -> None:
         """A run that already ended in output_dir, after the checks of a resume: nothing to do."""
-        rec = load_final(path)
         try:
-            check_resume(rec, path, self.config, self.info, self.inputs)
-        except CheckpointError as e:
+            rec, state = read_finished(path, self.config, self.info, self.inputs, self.model)
+            if not state:
+                raise CheckpointError(f"{path} holds no weights")
+        except CheckpointError as e:   # its remedy speaks of the notebook's resume=False
             raise CheckpointError(f"{e} (on Flower: choose another output-dir, or delete {path} to start "
                                   f"over)") from None
-        own = {k: v for k, v in self.model.state_dict().items() if k.startswith(EXCHANGED_PREFIXES)}
-        state = checked_state(rec["state"], own, path, "the trained state")
         self.global_state = {k: state[k].to(v.device) for k, v in self.global_state.items()}
         self.rows, self.round, self.seconds, self.done = rec["history"], rec["round"], rec["seconds"], True
         log.info("%s holds a finished run (%d rounds): nothing to do", self.output_dir, self.round)
