@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .aggregation import state_nbytes
 from .data import LABELS
-from .metrics import auroc_per_finding, mean_auroc
+from .metrics import auprc_per_finding, auroc_per_finding, nanmean_scored
 
 COLUMNS = ["round", "split", "client", "metric", "value"]
 # The `client` of rows that are not one client's: the global model's metrics, the example-weighted
@@ -25,13 +25,15 @@ def row(round_num: int, split: str, client, metric: str, value: float) -> dict:
 
 
 def metric_rows(round_num: int, split: str, client, probs: np.ndarray, labels: np.ndarray) -> list[dict]:
-    """loss (BCE averaged over examples and findings), mean_auroc and one auroc_<finding> per
-    finding, all from pooled predictions."""
+    """loss (BCE averaged over examples and findings), then mean_auroc and one auroc_<finding> per
+    finding, then the same for AUPRC (mean_auprc, auprc_<finding>), all from pooled predictions."""
     p = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
     loss = float(-(labels * np.log(p) + (1 - labels) * np.log(1 - p)).mean()) if len(p) else float("nan")
-    auc = auroc_per_finding(labels, probs)
-    rows = [row(round_num, split, client, "loss", loss), row(round_num, split, client, "mean_auroc", mean_auroc(auc))]
-    rows += [row(round_num, split, client, f"auroc_{name}", a) for name, a in zip(LABELS, auc)]
+    rows = [row(round_num, split, client, "loss", loss)]
+    for metric, per_finding in (("auroc", auroc_per_finding), ("auprc", auprc_per_finding)):
+        scores = per_finding(labels, probs)
+        rows.append(row(round_num, split, client, f"mean_{metric}", nanmean_scored(scores)))
+        rows += [row(round_num, split, client, f"{metric}_{name}", v) for name, v in zip(LABELS, scores)]
     return rows
 
 

@@ -29,26 +29,40 @@ def save_figure(fig, out_dir: str | Path, name: str, dpi: int = 150) -> list[Pat
 
 def final_test_auroc(history: pd.DataFrame, client: str = GLOBAL) -> pd.Series:
     """Per-finding test AUROC of the last evaluated round, indexed by finding name."""
+    return _final_test(history, "auroc", client)
+
+
+def _final_test(history: pd.DataFrame, metric: str, client: str = GLOBAL) -> pd.Series:
+    """Per-finding test `metric` ("auroc" or "auprc") of the last evaluated round, by finding name."""
     h = select(history, "test", client=client)
     if h.empty:
         raise ValueError(f"no test rows for client {client!r} in the history")
     last = h[h["round"] == h["round"].max()]
     per = last.set_index("metric")["value"]
-    return pd.Series([per.get(f"auroc_{n}", np.nan) for n in LABELS], index=list(LABELS), dtype=float)
+    return pd.Series([per.get(f"{metric}_{n}", np.nan) for n in LABELS], index=list(LABELS), dtype=float)
 
 
 def auroc_table(histories: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     """Findings x methods table of final test AUROC, with a 'mean' row over scorable findings.
 
-    A history whose 'client' column holds several client ids (the local-only baseline) gives one
-    column per client plus their mean per finding."""
+    A history without global rows (the local-only baseline, one model per client) gives one
+    column, "<name> (mean of <k>)": per finding, the mean over its k clients."""
+    return _findings_table(histories, "auroc")
+
+
+def auprc_table(histories: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """auroc_table for the final test AUPRC (average precision); NaN for a history without it."""
+    return _findings_table(histories, "auprc")
+
+
+def _findings_table(histories: Mapping[str, pd.DataFrame], metric: str) -> pd.DataFrame:
     cols = {}
     for name, h in histories.items():
         clients = sorted(set(h.loc[h["split"] == "test", "client"].astype(str)))
         if GLOBAL in clients:
-            cols[name] = final_test_auroc(h)
+            cols[name] = _final_test(h, metric)
         else:
-            per = pd.concat({c: final_test_auroc(h, c) for c in clients}, axis=1)
+            per = pd.concat({c: _final_test(h, metric, c) for c in clients}, axis=1)
             cols[f"{name} (mean of {len(clients)})"] = per.mean(axis=1)
     table = pd.DataFrame(cols)
     table.loc["mean"] = table.mean(axis=0, skipna=True)

@@ -111,19 +111,21 @@ def add_times(folder: str | Path, seconds: Mapping[str, float]) -> dict[str, flo
 
 # --------------------------------------------------------------------------- the table
 
-def _scores(history: pd.DataFrame) -> tuple[Optional[int], float, float]:
-    """(round reported, val mean AUROC, test mean AUROC) of a method's history: the last round
-    with test scores; a local-only history (one client per model) gives the mean over clients."""
+def _scores(history: pd.DataFrame) -> tuple[Optional[int], float, float, float]:
+    """(round reported, val mean AUROC, test mean AUROC, test mean AUPRC) of a method's history: the
+    last round with test scores; a local-only history (one client per model) gives the mean over
+    clients. A history written before AUPRC was recorded gives NaN for it."""
     test = history[(history["split"] == "test") & (history["metric"] == "mean_auroc")]
     if test.empty:
-        return None, np.nan, np.nan
+        return None, np.nan, np.nan, np.nan
     r = int(test["round"].max())
-    at = history[(history["round"] == r) & (history["metric"] == "mean_auroc")]
-    clients = set(at["client"]) - {hist.ALL, hist.SERVER}
-    who = [hist.GLOBAL] if hist.GLOBAL in clients else sorted(clients)
-    val = at[(at["split"] == "val") & at["client"].isin(who)]["value"].mean()
-    tst = at[(at["split"] == "test") & at["client"].isin(who)]["value"].mean()
-    return r, float(val), float(tst)
+    at = history[history["round"] == r]
+    clients = set(at.loc[at["metric"] == "mean_auroc", "client"]) - {hist.ALL, hist.SERVER}
+    who = at["client"].isin([hist.GLOBAL] if hist.GLOBAL in clients else sorted(clients))
+
+    def mean(split: str, metric: str) -> float:
+        return float(at[(at["split"] == split) & (at["metric"] == metric) & who]["value"].mean())
+    return r, mean("val", "mean_auroc"), mean("test", "mean_auroc"), mean("test", "mean_auprc")
 
 
 def _methods(folder: Path) -> dict[str, Path]:
@@ -161,13 +163,13 @@ def run_row(folder: Path) -> dict[str, Any]:
     order = [main, "centralized", "local-only"]
     for name in sorted(methods, key=lambda n: (order.index(n) if n in order else len(order), n)):
         try:
-            r, val, test = _scores(hist.read(methods[name] / HISTORY))
+            r, val, test, test_auprc = _scores(hist.read(methods[name] / HISTORY))
         except ValueError as e:
             problems.append(str(e))
             continue
         if name == main:
             row["round"] = r
-        row[f"{name} val"], row[f"{name} test"] = val, test
+        row[f"{name} val"], row[f"{name} test"], row[f"{name} test AUPRC"] = val, test, test_auprc
     try:
         times = json.loads((folder / TIMES).read_text()) if (folder / TIMES).exists() else {}
         row["wall_s"] = round(float(sum(v for v in times.values() if isinstance(v, (int, float)))), 1) \
@@ -181,8 +183,8 @@ def run_row(folder: Path) -> dict[str, Any]:
 def runs_table(root: str | Path, write: bool = True) -> pd.DataFrame:
     """Every run under root (folders holding a run.json), one row each, oldest first: the
     parameters that differ from the defaults in any run (each run's value), the weights used, whether every method finished, the
-    round reported, validation and test mean AUROC of each method, wall time and folder. Written to
-    root/runs.csv when write."""
+    round reported, validation and test mean AUROC and test mean AUPRC of each method, wall time and
+    folder. Written to root/runs.csv when write."""
     root = Path(root)
     rows = [run_row(m.parent) for m in sorted(root.glob(f"*/{MANIFEST}"))]
     changed_anywhere = {k for r in rows for k in r if k.startswith("param ")}

@@ -6,6 +6,7 @@ import pytest
 from matplotlib.collections import PolyCollection
 
 from fedxray import LABELS
+from fedxray import history as hist
 from fedxray import plots
 
 matplotlib.use("Agg")
@@ -40,6 +41,32 @@ def test_auroc_table_with_local_only_clients():
     assert list(t.columns) == ["FedAvg", "local-only (mean of 2)"]
     assert t.loc["Atelectasis", "local-only (mean of 2)"] == pytest.approx(0.7)
     assert t.loc["mean", "FedAvg"] == pytest.approx(np.mean([0.75 + 0.01 * j for j in range(14)]))
+
+
+def _scored_history(clients=("global",), rounds=2, seed=0):
+    """Val and test rows as the drivers write them (history.metric_rows), new predictions each round."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for r in range(rounds + 1):
+        for split in ("val", "test"):
+            for c in clients:
+                labels = (rng.random((40, len(LABELS))) < 0.3).astype(float)
+                rows += hist.metric_rows(r, split, c, rng.random(labels.shape), labels)
+    return hist.frame(rows)
+
+
+def test_auprc_table_takes_the_last_round_values_as_auroc_table_does():
+    fed, local = _scored_history(), _scored_history(clients=("0", "1"), seed=1)
+    a = plots.auprc_table({"FedAvg": fed, "local-only": local})
+    assert list(a.columns) == ["FedAvg", "local-only (mean of 2)"] and list(a.index) == [*LABELS, "mean"]
+    last = fed[(fed.split == "test") & (fed["round"] == 2)].set_index("metric")["value"]
+    assert a["FedAvg"].drop("mean").tolist() == pytest.approx([last[f"auprc_{n}"] for n in LABELS])
+    assert a.loc["mean", "FedAvg"] == pytest.approx(last["mean_auprc"])      # no finding is NaN here
+    per_client = local[(local.split == "test") & (local["round"] == 2)].pivot(index="metric", columns="client", values="value")
+    assert a.loc["Hernia", "local-only (mean of 2)"] == pytest.approx(per_client.loc["auprc_Hernia"].mean())
+    auc = plots.auroc_table({"FedAvg": fed})
+    assert auc["FedAvg"].drop("mean").tolist() == pytest.approx([last[f"auroc_{n}"] for n in LABELS])
+    assert plots.auprc_table({"old": _history()})["old"].isna().all()        # written before AUPRC
 
 
 def test_figures_are_written_as_png_and_pdf(tmp_path):

@@ -2,6 +2,7 @@
 the runs table."""
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -54,7 +55,34 @@ def test_runs_table_has_a_row_per_run(tiny_splits, tmp_path):
         row = table[table["param lr"] == lr].iloc[0]
         assert row["fedavg test"] == hist.last_value(h, "test", "mean_auroc")
         assert row["fedavg val"] == hist.last_value(h, "val", "mean_auroc")
+        assert row["fedavg test AUPRC"] == hist.last_value(h, "test", "mean_auprc")
         assert row["wall_s"] == 4.5 and row["weights"] == "random" and row["problem"] == ""
+
+
+def test_runs_table_test_auprc_of_local_only_is_the_clients_mean_and_nan_for_old_histories(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = run_folder(tmp_path, Config.for_dataset("demo"), "demo", DATA).path
+    histories = {"local_only": ("0", "1"), "centralized": (hist.GLOBAL,)}
+    for method, clients in histories.items():
+        rows = []
+        for r in (0, 1):
+            for split in ("val", "test"):
+                for c in clients:
+                    labels = (rng.random((30, 14)) < 0.3).astype(float)
+                    rows += hist.metric_rows(r, split, c, rng.random(labels.shape), labels)
+        histories[method] = hist.frame(rows)
+        (folder / method).mkdir()
+        histories[method].to_csv(folder / method / "history.csv", index=False)
+    old = histories["centralized"]
+    old[~old.metric.str.contains("auprc")].to_csv(folder / "centralized" / "history.csv", index=False)
+    row = runs_table(tmp_path, write=False).iloc[0]
+    local = histories["local_only"]
+    expected = local[(local.split == "test") & (local.metric == "mean_auprc") & (local["round"] == 1)]["value"]
+    assert len(expected) == 2 and row["local-only test AUPRC"] == pytest.approx(expected.mean())
+    assert row["centralized test"] == pytest.approx(hist.last_value(old, "test", "mean_auroc"))
+    assert np.isnan(row["centralized test AUPRC"]) and row["problem"] == ""
+    assert [c for c in row.index if c.startswith("local-only")] == ["local-only val", "local-only test",
+                                                                   "local-only test AUPRC"]
 
 
 def test_a_broken_history_is_named_in_the_table(tmp_path):
