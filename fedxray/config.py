@@ -95,12 +95,35 @@ class Config:
         (fedxray.partition): "iid" (shuffled and dealt round-robin), "dirichlet" (label skew: each
         class's patients cut among clients in Dir(alpha) proportions), "column" (one site per value
         of partition_column), "quantity" (size skew: client shares ~ Dir(alpha), labels iid).
+        Clients without a positive image of some finding are logged as a WARNING
+        (fedxray.partition.zero_positive_findings).
     alpha : float, default 0.5
         Dirichlet concentration of partitions "dirichlet" and "quantity"; > 0, smaller = more
-        skewed. Ignored by "iid" and "column".
+        skewed. Ignored by "iid" and "column". Not comparable with the same alpha in single-label
+        papers: "dirichlet" draws on one class per patient (their rarest finding, or "No
+        Finding"), and an NIH image often carries several findings; measure the skew with
+        fedxray.label_skew and fedxray.client_finding_table.
     partition_column : str or None, default None
         Metadata column whose values are the sites of partition "column"; None = "view" (PA
         upright outpatients vs AP bedside). Must stay None for the other schemes.
+    balanced_sizes : bool, default False
+        Partition "dirichlet" only: every client gets the same number of patients (to one) while
+        its label mix follows the Dirichlet draw (classes dealt rarest first, each in its drawn
+        proportions among the clients with room left); False = client sizes follow the draw too
+        (size skew on top of label skew). Must stay False for the other schemes.
+    min_client_patients : int, default 1
+        Fewest patients a client may hold, >= 0, in every scheme: a random split (iid, dirichlet,
+        quantity) that leaves a client short is drawn again, up to fedxray.partition.MAX_DRAWS
+        times, then refused with a ValueError; "quantity" reserves it per client by
+        construction; "column" refuses a short site. The default 1 (no empty client) holds in
+        every scheme but "dirichlet" without balanced_sizes at a tiny alpha with many clients
+        (the demo at alpha 0.05 with 50 clients: 15 classes cannot reach 50 clients). Raise it
+        for skewed splits: on NIH's 25,207 training patients, "quantity" at alpha 0.5 (seed 0)
+        gives a client of 21 patients at 5 clients and of 3 at 20.
+    min_client_images : int, default 1
+        Fewest training images a client may hold, >= 0; drawn again or refused as
+        min_client_patients. The default 1 holds wherever min_client_patients 1 does (every
+        patient has an image).
     max_images : int or None, default None
         Cap on the training images, for quick runs: >= 1, taken as whole patients in a seeded
         order (validation and test shrink by the same ratio); None = no cap.
@@ -215,6 +238,9 @@ class Config:
     partition: str = "iid"
     alpha: float = 0.5
     partition_column: Optional[str] = None
+    balanced_sizes: bool = False
+    min_client_patients: int = 1
+    min_client_images: int = 1
     max_images: Optional[int] = None
     preload: bool = False
     # Strategy: None = the strategy's default; one the strategy does not use must stay None
@@ -262,6 +288,12 @@ class Config:
              f"feature_dtype must be one of {FEATURE_DTYPES}, got {self.feature_dtype!r}")
         need(self.partition in PARTITIONS, f"partition must be one of {PARTITIONS}, got {self.partition!r}")
         need(self.max_images is None or self.max_images >= 1, "max_images must be >= 1 or None")
+        for name in ("min_client_patients", "min_client_images"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                 f"{name} must be an integer >= 0, got {value!r}")
+        need(isinstance(self.balanced_sizes, bool), f"balanced_sizes must be True or False, got "
+             f"{self.balanced_sizes!r}")
         need(self.strategy in STRATEGIES, f"strategy must be one of {tuple(STRATEGIES)}, got {self.strategy!r}")
         cls = STRATEGIES[self.strategy]
         unused = [f"{k}={getattr(self, k)!r}" for k in STRATEGY_FIELDS

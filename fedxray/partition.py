@@ -1,4 +1,11 @@
-"""Splitting the training patients among federated clients, and measuring how skewed the split is."""
+"""Splitting the training patients among federated clients, and measuring how skewed the split is.
+
+A note on alpha: the Dirichlet schemes draw at patient level, on one class per patient (the rarest
+finding in any of their images, or "No Finding"), and an NIH image often carries several findings.
+A client's share of a finding therefore differs from its share of the patients whose class is that
+finding, and a given alpha is NOT comparable with the same alpha in single-label papers (CIFAR-10,
+Hsu et al. 2019): measure the skew you get with label_skew and client_finding_table instead.
+"""
 from __future__ import annotations
 
 import logging
@@ -15,10 +22,15 @@ log = logging.getLogger(__name__)
 
 SCHEMES = ("iid", "dirichlet", "column", "quantity")
 DEFAULT_COLUMN = "view"  # the natural sites of NIH: PA (upright, outpatient) vs AP (bedside)
+# Draws of a random scheme tried before a minimum client size is declared out of reach. A draw
+# costs milliseconds at NIH scale; 100 refusals in a row mean the minimum is far in the tail.
+MAX_DRAWS = 100
+ZERO_POSITIVES = "findings without positives"   # column of client_finding_table
 
 
 def partition(train: pd.DataFrame, num_clients: int, scheme: str = "iid", alpha: float = 0.5,
-              seed: int = 0, column: str | None = None, min_patients: int = 1) -> list[pd.DataFrame]:
+              seed: int = 0, column: str | None = None, min_client_patients: int = 1,
+              min_client_images: int = 1, balanced_sizes: bool = False) -> list[pd.DataFrame]:
     """Split the rows of train among num_clients clients, whole patients at a time.
 
     Every patient lands on exactly one client. The result depends only on the set of rows and
@@ -29,16 +41,35 @@ def partition(train: pd.DataFrame, num_clients: int, scheme: str = "iid", alpha:
     - "dirichlet": label skew (Hsu et al. 2019, at patient level). Each patient's class is the
       rarest finding (fewest training patients) in any of their images, or "No Finding"; for each
       class, p ~ Dir(alpha * 1_K) and the class's patients are cut among clients in proportions p.
-      Smaller alpha, more skew. Clients left under min_patients then take random patients from
-      the largest client.
-    - "quantity": size skew: shares ~ Dir(alpha * 1_K) of the patients beyond min_patients per
-      client, patients dealt at random (labels iid).
+      Smaller alpha, more skew. Client sizes then follow the draw too (size skew on top of label
+      skew), unless balanced_sizes: every client gets the same number of patients (to one), and
+      the classes are dealt rarest first, each cut in proportions p among the clients that still
+      have room (a client that fills up drops out and the rest of the class is cut among the others
+      in their proportions p). Rare findings thus keep their drawn concentration; the common
+      classes, "No Finding" last, fill the remaining room. Only "dirichlet" takes balanced_sizes.
+    - "quantity": size skew: shares ~ Dir(alpha * 1_K) of the patients beyond min_client_patients
+      per client (so that minimum holds by construction), patients dealt at random (labels iid).
     - "column": one site per value of a metadata column (default "view"). A patient belongs to the
       value of most of their images (ties: the first value in sorted order), so a site may hold a
       few images of other values. With as many clients as sites, site i (sorted by value) is
       client i. With more, the extra clients go one by one to the site with the most patients per
       client, which is split iid. With fewer, sites are merged: largest first, each onto the
       client with the fewest patients so far.
+
+    Minimum client size: every client must hold at least min_client_patients patients and
+    min_client_images images. A random draw (iid, dirichlet, quantity) that leaves a client short
+    is refused and drawn again from the same generator, as Flower Datasets' DirichletPartitioner
+    does with min_partition_size: the split is the first acceptable draw, still fixed by the seed,
+    and a minimum that the first draw meets changes nothing. After MAX_DRAWS refusals, ValueError
+    names the closest draw's smallest client and the remedy. "column" has nothing to redraw: a
+    short client is an error naming its value(s). The defaults (1 and 1: no empty client) hold
+    by construction except in plain "dirichlet", where a tiny alpha with more clients than
+    classes can leave a client without patients in every draw. Refusals condition the draw: a
+    minimum far above the smallest clients the scheme gives makes the accepted splits less
+    skewed than alpha alone says.
+
+    Clients without a single positive image of a finding are logged as a WARNING (see
+    zero_positive_findings): a client's local training never sees a positive of those findings.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown partition scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
@@ -46,52 +77,113 @@ def partition(train: pd.DataFrame, num_clients: int, scheme: str = "iid", alpha:
         raise ValueError("train has no 'patient_id' column: pass a table from fedxray.read_metadata")
     if column is not None and scheme != "column":
         raise ValueError(f"column={column!r} is only used by scheme='column', not {scheme!r}")
+    if balanced_sizes and scheme != "dirichlet":
+        raise ValueError(f"balanced_sizes is only used by scheme='dirichlet', not {scheme!r}: "
+                         f"'iid' and 'column' sizes are balanced already, and 'quantity' is size skew")
+    if not isinstance(balanced_sizes, (bool, np.bool_)):
+        raise ValueError(f"balanced_sizes must be True or False, got {balanced_sizes!r}")
     if not (isinstance(alpha, numbers.Real) and math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
     num_clients = _integer(num_clients, "num_clients")
-    min_patients = _integer(min_patients, "min_patients")
+    min_patients = _integer(min_client_patients, "min_client_patients")
+    min_images = _integer(min_client_images, "min_client_images")
     pids = np.unique(train["patient_id"].to_numpy())
     n = len(pids)
     if not 1 <= num_clients <= n:
         raise ValueError(f"num_clients must be between 1 and the number of training patients ({n}), "
                          f"got {num_clients}")
     if min_patients < 0 or num_clients * min_patients > n:
-        raise ValueError(f"min_patients={min_patients} is impossible for {num_clients} clients and {n} "
-                         f"patients: it must be between 0 and {n // num_clients}")
+        raise ValueError(f"min_client_patients={min_patients} is impossible for {num_clients} clients "
+                         f"and {n} patients: it must be between 0 and {n // num_clients}")
+    if min_images < 0 or num_clients * min_images > len(train):
+        raise ValueError(f"min_client_images={min_images} is impossible for {num_clients} clients and "
+                         f"{len(train)} images: it must be between 0 and {len(train) // num_clients}")
+    row_patient = np.searchsorted(pids, train["patient_id"].to_numpy())
+    images = np.bincount(row_patient, minlength=n)   # images per patient
 
     rng = np.random.default_rng(seed)
-    if scheme == "iid":
-        owner = rng.permutation(np.arange(n) % num_clients)
-    elif scheme == "quantity":
-        shares = rng.dirichlet(np.full(num_clients, float(alpha)))
-        sizes = min_patients + _apportion(n - num_clients * min_patients, shares)
-        owner = rng.permutation(np.repeat(np.arange(num_clients), sizes))
-    elif scheme == "dirichlet":
-        owner = _dirichlet(_primary_class(train, pids), num_clients, alpha, rng)
-        owner = _fill_up(owner, num_clients, min_patients, rng)
+    if scheme == "column":
+        name = column or DEFAULT_COLUMN
+        owner, values = _by_column(train, pids, name, num_clients, rng)
+        sizes, size_images = _sizes(owner, images, num_clients)
+        short = np.flatnonzero((sizes < min_patients) | (size_images < min_images))
+        if len(short):
+            k = int(short[0])
+            raise ValueError(f"the {name!r} split leaves client {k} ({name} {values[k]}) with "
+                             f"{sizes[k]} patient(s) and {size_images[k]} image(s), fewer than "
+                             f"min_client_patients={min_patients} or min_client_images={min_images}: "
+                             f"use fewer clients or a smaller minimum")
     else:
-        owner = _by_column(train, pids, column or DEFAULT_COLUMN, num_clients, rng)
-        sizes = np.bincount(owner, minlength=num_clients)
-        if sizes.min() < min_patients:
-            k = int(sizes.argmin())
-            raise ValueError(f"the {column or DEFAULT_COLUMN!r} split leaves client {k} with "
-                             f"{sizes[k]} patient(s), fewer than min_patients={min_patients}: use "
-                             f"fewer clients or a smaller min_patients")
+        if scheme == "dirichlet":
+            primary = _primary_class(train, pids)
+        best, refused = None, 0
+        for _ in range(MAX_DRAWS):
+            if scheme == "iid":
+                owner = rng.permutation(np.arange(n) % num_clients)
+            elif scheme == "quantity":
+                shares = rng.dirichlet(np.full(num_clients, float(alpha)))
+                sizes = min_patients + _apportion(n - num_clients * min_patients, shares)
+                owner = rng.permutation(np.repeat(np.arange(num_clients), sizes))
+            elif balanced_sizes:
+                owner = _balanced_dirichlet(primary, num_clients, alpha, rng)
+            else:
+                owner = _dirichlet(primary, num_clients, alpha, rng)
+            sizes, size_images = _sizes(owner, images, num_clients)
+            reach = _reach(sizes, size_images, min_patients, min_images)
+            if reach.min() >= 1:
+                break
+            refused += 1
+            if best is None or reach.min() > best[0]:
+                k = int(reach.argmin())
+                best = (reach.min(), k, sizes[k], size_images[k])
+        else:
+            _, k, p, i = best
+            drawn = f"{scheme}{' (balanced sizes)' if balanced_sizes else ''} partition" + \
+                (f" with alpha={alpha}" if scheme != "iid" else "")
+            remedy = ("fewer clients or a smaller minimum" if scheme == "iid" else
+                      "a larger alpha, fewer clients or a smaller minimum" +
+                      (", or balanced_sizes=True" if scheme == "dirichlet" and not balanced_sizes else ""))
+            raise ValueError(f"{drawn} of {n} patients ({len(train)} images) into {num_clients} clients: "
+                             f"none of {MAX_DRAWS} draws gave every client at least "
+                             f"min_client_patients={min_patients} patient(s) and min_client_images="
+                             f"{min_images} image(s); in the closest draw, client {k} had {p} patient(s) "
+                             f"and {i} image(s). Use {remedy}")
+        if refused:
+            log.info("%s partition: %d draw(s) refused for a client under min_client_patients=%d or "
+                     "min_client_images=%d", scheme, refused, min_patients, min_images)
 
-    row_owner = owner[np.searchsorted(pids, train["patient_id"].to_numpy())]
-    parts = [train[row_owner == k].reset_index(drop=True) for k in range(num_clients)]
+    parts = [train[owner[row_patient] == k].reset_index(drop=True) for k in range(num_clients)]
     log.info("%s partition of %d patients into %d clients: %s patients", scheme, n, num_clients,
              np.bincount(owner, minlength=num_clients).tolist())
+    missing = zero_positive_findings(parts)
+    if missing:
+        log.warning("%s partition: %d of %d clients have no positive image of some finding (their local "
+                    "training never sees one): %s", scheme, len(missing), num_clients,
+                    "; ".join(f"client {k}: {', '.join(f)}" for k, f in missing.items()))
     return parts
 
 
 def client_finding_table(parts: list[pd.DataFrame]) -> pd.DataFrame:
-    """Clients x (images, patients, positive images per finding in LABELS order, "No Finding")."""
-    table = pd.DataFrame(np.stack([_class_counts(p) for p in parts]), columns=[*LABELS, NO_FINDING])
+    """Clients x (images, patients, positive images per finding in LABELS order, "No Finding",
+    the number of findings without a positive image on that client)."""
+    counts = np.stack([_class_counts(p) for p in parts])
+    table = pd.DataFrame(counts, columns=[*LABELS, NO_FINDING])
     table.insert(0, "images", [len(p) for p in parts])
     table.insert(1, "patients", [p["patient_id"].nunique() for p in parts])
+    table[ZERO_POSITIVES] = (counts[:, :len(LABELS)] == 0).sum(1)
     table.index.name = "client"
     return table
+
+
+def zero_positive_findings(parts: list[pd.DataFrame]) -> dict[int, list[str]]:
+    """Client -> the findings (LABELS order) of which it holds no positive image; only clients
+    lacking at least one finding are listed, so {} means every client sees every finding."""
+    missing = {}
+    for k, p in enumerate(parts):
+        absent = [name for name, c in zip(LABELS, _class_counts(p)) if c == 0]
+        if absent:
+            missing[k] = absent
+    return missing
 
 
 def label_skew(parts: list[pd.DataFrame]) -> float:
@@ -166,28 +258,51 @@ def _dirichlet(primary: np.ndarray, k: int, alpha: float, rng: np.random.Generat
     return owner
 
 
-def _fill_up(owner: np.ndarray, k: int, min_patients: int, rng: np.random.Generator) -> np.ndarray:
-    """Move random patients from the largest client to any client under min_patients."""
-    owner = owner.copy()
-    sizes = np.bincount(owner, minlength=k)
-    moved = 0
-    for c in range(k):
-        while sizes[c] < min_patients:
-            # The largest client holds more than min_patients as long as any client is short.
-            donor = int(sizes.argmax())
-            j = rng.choice(np.flatnonzero(owner == donor))
-            owner[j] = c
-            sizes[donor] -= 1
-            sizes[c] += 1
-            moved += 1
-    if moved:
-        log.info("moved %d patient(s) from the largest clients to reach min_patients=%d", moved,
-                 min_patients)
+def _balanced_dirichlet(primary: np.ndarray, k: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
+    """Dirichlet label skew with every client holding n // k or n // k + 1 patients: classes
+    rarest first, each cut in its drawn proportions among the clients with room left."""
+    room = np.bincount(np.arange(len(primary)) % k, minlength=k)
+    owner = np.empty(len(primary), dtype=np.int64)
+    classes, size = np.unique(primary, return_counts=True)
+    for c in classes[np.argsort(size, kind="stable")]:
+        idx = rng.permutation(np.flatnonzero(primary == c))
+        p = rng.dirichlet(np.full(k, float(alpha)))
+        take = np.zeros(k, dtype=np.int64)
+        left = len(idx)
+        while left:
+            # Each pass places the rest of the class or fills at least one client, so it ends
+            # within k passes; the room left always holds the patients left.
+            open_ = np.flatnonzero(take < room)
+            w = p[open_]
+            w = w / w.sum() if w.sum() > 0 else np.full(len(open_), 1 / len(open_))
+            step = np.minimum(_apportion(left, w), room[open_] - take[open_])
+            take[open_] += step
+            left -= int(step.sum())
+        room -= take
+        owner[idx] = np.repeat(np.arange(k), take)
     return owner
 
 
+def _sizes(owner: np.ndarray, images: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Patients and images per client."""
+    return (np.bincount(owner, minlength=k),
+            np.bincount(owner, weights=images, minlength=k).astype(np.int64))
+
+
+def _reach(patients: np.ndarray, images: np.ndarray, min_patients: int, min_images: int) -> np.ndarray:
+    """Per client, the smaller of its patients and images as a fraction of their minimum (>= 1:
+    enough; a minimum of 0 always holds)."""
+    reach = np.full(len(patients), np.inf)
+    if min_patients:
+        reach = np.minimum(reach, patients / min_patients)
+    if min_images:
+        reach = np.minimum(reach, images / min_images)
+    return reach
+
+
 def _by_column(train: pd.DataFrame, pids: np.ndarray, column: str, k: int,
-               rng: np.random.Generator) -> np.ndarray:
+               rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
+    """Owner per patient, and per client the value(s) it holds, for messages."""
     if column not in train:
         raise ValueError(f"column {column!r} is not in the table; columns: "
                          f"{list(map(str, train.columns))}")
@@ -210,7 +325,8 @@ def _by_column(train: pd.DataFrame, pids: np.ndarray, column: str, k: int,
         owner[:] = client_of_site[site_of]
         log.info("%r: %d sites merged into %d clients: %s", column, len(sites), k,
                  {n: int(c) for n, c in zip(names, client_of_site)})
-        return owner
+        return owner, [" + ".join(repr(n) for n, c in zip(names, client_of_site) if c == j)
+                       for j in range(k)]
     share = np.ones(len(sites), dtype=np.int64)
     for _ in range(k - len(sites)):
         share[int(np.argmax(sizes / share))] += 1
@@ -219,4 +335,5 @@ def _by_column(train: pd.DataFrame, pids: np.ndarray, column: str, k: int,
         idx = rng.permutation(np.flatnonzero(site_of == s))
         owner[idx] = first[s] + np.arange(len(idx)) % share[s]
     log.info("%r: clients per site %s", column, dict(zip(names, share.tolist())))
-    return owner
+    return owner, [f"{names[s]!r}" + (f", one of its {share[s]} clients" if share[s] > 1 else "")
+                   for s in range(len(sites)) for _ in range(share[s])]

@@ -142,7 +142,9 @@ def client_partition(config: Config, splits: dict[str, pd.DataFrame],
     capped = {k: source.usable(f) for k, f in capped.items()}
     if client_frames is None:
         client_frames = partition(capped["train"], c.num_clients, scheme=c.partition, alpha=c.alpha,
-                                  seed=c.seed, column=c.partition_column)
+                                  seed=c.seed, column=c.partition_column,
+                                  min_client_patients=c.min_client_patients,
+                                  min_client_images=c.min_client_images, balanced_sizes=c.balanced_sizes)
     else:
         client_frames = [source.usable(f) for f in client_frames]
     if len(client_frames) != c.num_clients:
@@ -226,7 +228,8 @@ def assemble(config: Config, splits: dict[str, pd.DataFrame], client_frames: Seq
 
 # The fields that shape a run's parts (data, caches, partition, model); the others (strategy, local
 # training, rounds, sampling) may differ between runs over the same parts.
-SETUP_FIELDS = ("num_clients", "image_size", "partition", "alpha", "partition_column", "max_images", "preload",
+SETUP_FIELDS = ("num_clients", "image_size", "partition", "alpha", "partition_column", "min_client_patients",
+                "min_client_images", "balanced_sizes", "max_images", "preload",
                 "weights", "seed", "image_cache", "feature_cache", "feature_dtype", "cache_dir", "device", "amp",
                 "eval_batch_size", "num_workers", "progress")
 
@@ -249,7 +252,7 @@ def baseline_config(config: Config, num_clients: int = 1) -> Config:
     """The config of a baseline run: one client, every round, plain FedAvg (a single client's FedAvg
     is ordinary training), no partition, no further cap (the parts are capped already)."""
     return dataclasses.replace(config.with_strategy("fedavg"), num_clients=num_clients, fraction_fit=1.0,
-                               partition="iid", partition_column=None, max_images=None)
+                               partition="iid", partition_column=None, balanced_sizes=False, max_images=None)
 
 
 def centralized(parts: RunParts) -> RunParts:

@@ -102,3 +102,17 @@ def test_dataset_default_entry_gives_each_dataset_value(name):
 def test_runtime_fields_are_the_entries_that_say_so():
     marked = {name for name, (_, description) in doc_entries().items() if "RUNTIME_FIELDS" in description}
     assert marked == set(RUNTIME_FIELDS)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"min_client_patients": -1}, "min_client_patients must be an integer >= 0, got -1"),
+    ({"min_client_patients": 2.5}, "min_client_patients must be an integer >= 0, got 2.5"),
+    ({"min_client_images": True}, "min_client_images must be an integer >= 0, got True"),
+    ({"min_client_images": "10"}, "min_client_images must be an integer >= 0, got '10'"),
+    ({"balanced_sizes": 1}, "balanced_sizes must be True or False, got 1"),
+])
+def test_partition_size_fields_are_checked(fields, message):
+    with pytest.raises(ValueError, match=re.escape(f"Config: {message}")):
+        Config(**fields)
+    valid = Config(min_client_patients=0, min_client_images=500, balanced_sizes=True, partition="dirichlet")
+    assert Config.from_dict(valid.to_dict()) == valid

@@ -35,7 +35,8 @@ def test_run_writes_history_config_and_checkpoint(tiny_splits, tmp_path):
     assert json.loads((tmp_path / "run_info.json").read_text())["weights_source"] == "random"
     val = h[(h.split == "val") & (h.client == "global")]
     assert sorted(val["round"].unique()) == [0, 1, 2]                 # round 0 = untrained model
-    assert set(val.metric) == {"loss", "mean_auroc"} | {f"auroc_{n}" for n in LABELS}
+    assert set(val.metric) == {"loss", "mean_auroc", "mean_auprc"} | {f"{m}_{n}" for m in ("auroc", "auprc")
+                                                                   for n in LABELS}
     assert sorted(h[h.split == "test"]["round"].unique()) == [0, 1, 2]
     train = h[(h.metric == "train_loss") & (h.client != "all")]
     assert len(train) == 2 * 2 and (train.value > 0).all()
@@ -271,3 +272,14 @@ def test_a_second_run_on_the_same_parts_does_not_inherit_the_server_state(tiny_s
     first = run_federated(cfg, tiny_splits, tmp_path / "a", parts=parts).history
     second = run_federated(cfg, tiny_splits, tmp_path / "b", parts=parts).history
     pd.testing.assert_frame_equal(first, second)
+
+
+def test_baselines_run_under_balanced_label_skew(tiny_splits, tmp_path):
+    # balanced_sizes is a dirichlet option: the baselines' one-client iid config must drop it
+    cfg = _config(num_rounds=1, partition="dirichlet", alpha=1.0, balanced_sizes=True)
+    parts = prepare(cfg, tiny_splits)
+    assert run_centralized(cfg, tiny_splits, tmp_path / "c", parts=parts).history["round"].max() == 1
+    assert set(run_local_only(cfg, tiny_splits, tmp_path / "l", parts=parts)["client"]) == {"0", "1"}
+    with pytest.raises(ValueError, match="another setup.*min_client_patients"):
+        run_federated(_config(num_rounds=1, partition="dirichlet", alpha=1.0, balanced_sizes=True,
+                              min_client_patients=2), tiny_splits, "unused", parts=parts)

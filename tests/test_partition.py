@@ -1,14 +1,15 @@
+import logging
 import re
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from fedxray import Config
 from fedxray.data import LABELS, NO_FINDING, read_metadata, split_by_patient
-from fedxray.partition import client_finding_table, label_skew, partition
-
-NIH_METADATA = Path(__file__).resolve().parents[1].parent / "shared" / "nih-metadata"
+from fedxray.partition import (MAX_DRAWS, ZERO_POSITIVES, client_finding_table, label_skew, partition,
+                               zero_positive_findings)
+from fedxray.parts import client_partition
 
 
 def make_train(n_patients: int = 400, seed: int = 0) -> pd.DataFrame:
@@ -90,12 +91,90 @@ def test_dirichlet_small_alpha_is_more_skewed(train):
     assert skew[100.0] < skew[0.1] - 0.2
 
 
-@pytest.mark.parametrize("scheme", ["dirichlet", "quantity"])
-def test_min_patients_is_honoured(train, scheme):
+def sizes(parts):
+    """Smallest client's patients and images."""
+    return min(p["patient_id"].nunique() for p in parts), min(len(p) for p in parts)
+
+
+@pytest.mark.parametrize("scheme, alpha", [("dirichlet", 0.1), ("quantity", 0.1)])
+def test_minimum_client_size_is_honoured_by_redrawing(train, scheme, alpha):
+    free = [sizes(partition(train, 8, scheme, alpha=alpha, seed=seed)) for seed in range(5)]
+    assert min(p for p, _ in free) < 20 and min(i for _, i in free) < 40   # the minimum binds
     for seed in range(5):
-        parts = partition(train, 8, scheme, alpha=0.02, seed=seed, min_patients=20)
+        parts = partition(train, 8, scheme, alpha=alpha, seed=seed, min_client_patients=20,
+                          min_client_images=40)
         assert_valid(parts, train, 8)
-        assert min(p["patient_id"].nunique() for p in parts) >= 20
+        patients, images = sizes(parts)
+        assert patients >= 20 and images >= 40
+
+
+def test_iid_is_the_seeded_round_robin_deal(train):
+    """The default minimums never redraw iid: it stays the seed's first deal."""
+    pids = np.unique(train["patient_id"])
+    for seed, k in [(0, 5), (3, 7)]:
+        owner = np.random.default_rng(seed).permutation(np.arange(len(pids)) % k)
+        assert patient_sets(partition(train, k, "iid", seed=seed)) == \
+            [set(pids[owner == c]) for c in range(k)]
+
+
+def test_a_redrawn_split_is_fixed_by_the_seed(train, caplog):
+    kw = dict(alpha=0.5, min_client_patients=55, min_client_images=150)   # seed 1: 4 draws refused
+    with caplog.at_level(logging.INFO, logger="fedxray.partition"):
+        parts = partition(train, 5, "dirichlet", seed=1, **kw)
+    assert "dirichlet partition: 4 draw(s) refused" in caplog.text
+    assert all(a.equals(b) for a, b in zip(parts, partition(train, 5, "dirichlet", seed=1, **kw)))
+    shuffled = train.sample(frac=1.0, random_state=3)
+    assert patient_sets(partition(shuffled, 5, "dirichlet", seed=1, **kw)) == patient_sets(parts)
+    assert patient_sets(partition(train, 5, "dirichlet", seed=2, **kw)) != patient_sets(parts)
+    # A minimum the first draw meets changes nothing.
+    smallest = sizes(partition(train, 5, "dirichlet", seed=1, alpha=0.5))
+    assert patient_sets(partition(train, 5, "dirichlet", seed=1, alpha=0.5, min_client_patients=smallest[0],
+                                  min_client_images=smallest[1])) == \
+        patient_sets(partition(train, 5, "dirichlet", seed=1, alpha=0.5))
+
+
+@pytest.mark.parametrize("scheme, kw, message", [
+    ("quantity", {"min_client_images": 190},
+     r"quantity partition with alpha=0\.5 of 400 patients \(\d+ images\) into 5 clients: none of 100 draws "
+     r"gave every client at least min_client_patients=1 patient\(s\) and min_client_images=190 image\(s\); in "
+     r"the closest draw, client \d had \d+ patient\(s\) and \d+ image\(s\)\. Use a larger alpha, fewer "
+     r"clients or a smaller minimum$"),
+    ("dirichlet", {"min_client_patients": 75},
+     r"dirichlet partition with alpha=0\.5 .* min_client_patients=75 .* Use a larger alpha, fewer clients "
+     r"or a smaller minimum, or balanced_sizes=True$"),
+    # One patient of 300 images: the four clients without them hold about 195 images each.
+    ("iid", {"min_client_images": 250}, r"iid partition of 401 patients \(1273 images\) into 5 clients: "
+     r"none of 100 draws .* Use fewer clients or a smaller minimum$"),
+])
+def test_an_unreachable_minimum_is_a_clear_error(train, scheme, kw, message):
+    assert MAX_DRAWS == 100
+    if scheme == "iid":
+        train = pd.concat([train, train.iloc[:300].assign(patient_id=1, image=[f"{i}.png" for i in range(300)])])
+    with pytest.raises(ValueError, match=message):
+        partition(train, 5, scheme, alpha=0.5, **kw)
+
+
+def test_a_column_site_under_the_minimum_is_an_error_naming_it(train):
+    ap = train[majority_view(train).reindex(train["patient_id"]).to_numpy() == "AP"]
+    with pytest.raises(ValueError, match=re.escape(
+            f"the 'view' split leaves client 0 (view 'AP') with {ap['patient_id'].nunique()} patient(s) and "
+            f"{len(ap)} image(s), fewer than min_client_patients=1 or min_client_images={len(ap) + 1}: use "
+            f"fewer clients or a smaller minimum")):
+        partition(train, 2, "column", min_client_images=len(ap) + 1)
+    with pytest.raises(ValueError, match=r"client 2 \(view 'PA', one of its 3 clients\) with \d+ patient"):
+        partition(train, 5, "column", min_client_patients=75)
+
+
+def test_balanced_sizes_keep_patients_equal_and_labels_skewed(train):
+    iid = np.mean([label_skew(partition(train, 5, "iid", seed=s)) for s in range(3)])
+    for seed in range(3):
+        parts = partition(train, 5, "dirichlet", alpha=0.1, seed=seed, balanced_sizes=True)
+        assert_valid(parts, train, 5)
+        patients = [p["patient_id"].nunique() for p in parts]
+        assert max(patients) - min(patients) <= 1
+        assert label_skew(parts) > iid + 0.2
+    assert patient_sets(parts) == patient_sets(partition(train, 5, "dirichlet", alpha=0.1, seed=2,
+                                                         balanced_sizes=True))
 
 
 def test_quantity_sizes_unequal(train):
@@ -154,7 +233,7 @@ def test_client_finding_table_and_label_skew_by_hand():
         frame[name] = np.array([name in (r[2] or "").split("|") for r in rows], dtype=np.uint8)
     parts = [frame.iloc[:2], frame.iloc[2:]]
     table = client_finding_table(parts)
-    assert list(table.columns) == ["images", "patients", *LABELS, NO_FINDING]
+    assert list(table.columns) == ["images", "patients", *LABELS, NO_FINDING, ZERO_POSITIVES]
     shown = ["images", "patients", "Atelectasis", "Hernia", NO_FINDING]
     assert table.loc[0, shown].tolist() == [2, 1, 2, 1, 0]
     assert table.loc[1, shown].tolist() == [2, 2, 0, 0, 2]
@@ -174,10 +253,16 @@ def test_client_finding_table_and_label_skew_by_hand():
     ({"alpha": 0}, "alpha must be a finite number > 0, got 0"),
     ({"alpha": -1.0, "scheme": "dirichlet"}, "got -1.0"),
     ({"alpha": float("nan")}, "got nan"),
-    ({"min_patients": 81}, "min_patients=81 is impossible for 5 clients and 400 patients"),
+    ({"min_client_patients": 81}, "min_client_patients=81 is impossible for 5 clients and 400 patients: "
+                                  "it must be between 0 and 80"),
+    ({"min_client_patients": -1}, "min_client_patients=-1 is impossible"),
+    ({"min_client_images": 10**6}, "min_client_images=1000000 is impossible for 5 clients and"),
+    ({"min_client_images": 1.5}, "min_client_images must be an integer, got 1.5"),
+    ({"balanced_sizes": True}, "balanced_sizes is only used by scheme='dirichlet', not 'iid'"),
+    ({"balanced_sizes": "yes", "scheme": "dirichlet"}, "balanced_sizes must be True or False, got 'yes'"),
     ({"scheme": "column", "column": "hospital"}, "column 'hospital' is not in the table"),
     ({"column": "view"}, "column='view' is only used by scheme='column', not 'iid'"),
-    ({"scheme": "column", "min_patients": 80}, "patient(s), fewer than min_patients=80"),
+    ({"scheme": "column", "min_client_patients": 80}, "patient(s) and"),
 ])
 def test_errors_name_the_value(train, kwargs, message):
     kwargs = {"num_clients": 5, **kwargs}
@@ -194,11 +279,14 @@ def test_errors_on_bad_tables(train):
         partition(train.assign(view=train["view"].where(train.index != 3)), 2, "column")
 
 
-@pytest.mark.skipif(not (NIH_METADATA / "Data_Entry_2017.csv").is_file(),
-                    reason=f"full NIH metadata not found at {NIH_METADATA}")
-def test_full_scale_nih():
-    meta = read_metadata(NIH_METADATA / "Data_Entry_2017.csv")
-    train = split_by_patient(meta, NIH_METADATA)["train"]
+@pytest.fixture(scope="module")
+def nih_train(nih_metadata) -> pd.DataFrame:
+    """The official split's training part of the full NIH metadata (78,146 images)."""
+    return split_by_patient(read_metadata(nih_metadata / "Data_Entry_2017.csv"), nih_metadata)["train"]
+
+
+def test_full_scale_nih(nih_train):
+    train = nih_train
     skew = {}
     for name, scheme, alpha in [("iid", "iid", 0.5), ("dir0.1", "dirichlet", 0.1),
                                 ("dir1", "dirichlet", 1.0)]:
@@ -209,3 +297,76 @@ def test_full_scale_nih():
         skew[name] = label_skew(parts)
     assert skew["dir0.1"] > skew["iid"] + 0.1
     assert skew["dir0.1"] > skew["dir1"] > skew["iid"]
+
+
+# Minimums above the smallest clients that dirichlet and quantity give at alpha 0.5 on NIH (5
+# clients, seed 0: 1,124 patients / 5,295 images and 21 / 51; 20 clients: 401 / 1,348 and 3 / 8).
+NIH_MINIMUM = {5: (1500, 6000), 20: (300, 1000)}
+
+
+@pytest.mark.parametrize("k", sorted(NIH_MINIMUM))
+@pytest.mark.parametrize("scheme, kw", [("iid", {}), ("dirichlet", {}), ("dirichlet", {"balanced_sizes": True}),
+                                        ("quantity", {}), ("column", {})], ids=str)
+def test_minimum_client_size_holds_at_nih_scale(nih_train, scheme, kw, k):
+    min_patients, min_images = NIH_MINIMUM[k]
+    alpha = {} if scheme in ("iid", "column") else {"alpha": 0.5}
+    parts = partition(nih_train, k, scheme, seed=0, min_client_patients=min_patients,
+                      min_client_images=min_images, **alpha, **kw)
+    assert len(parts) == k and sum(map(len, parts)) == len(nih_train)
+    patients, images = sizes(parts)
+    assert patients >= min_patients and images >= min_images
+    if scheme == "quantity":   # the minimum bound: without it the smallest client is far smaller
+        free = partition(nih_train, k, scheme, seed=0, **alpha)
+        assert min(len(p) for p in free) < min_images / 10
+
+
+@pytest.mark.parametrize("k", [5, 20])
+def test_balanced_sizes_at_nih_scale(nih_train, k):
+    parts = partition(nih_train, k, "dirichlet", alpha=0.5, seed=0, balanced_sizes=True)
+    patients = [p["patient_id"].nunique() for p in parts]
+    assert max(patients) - min(patients) <= 1
+    # Measured: 0.145 (5 clients) and 0.106 (20) against iid's 0.011 and 0.026; unbalanced
+    # dirichlet: 0.128 and 0.131 with clients of 5,295 to 28,883 images at 5 clients.
+    assert label_skew(parts) > label_skew(partition(nih_train, k, "iid", seed=0)) + 0.05
+
+
+def tiny_table(rows) -> pd.DataFrame:
+    """(image, patient, site, findings joined with "|" or None) -> a metadata-like table."""
+    frame = pd.DataFrame({"image": [r[0] for r in rows], "patient_id": [r[1] for r in rows],
+                          "site": [r[2] for r in rows]})
+    for name in LABELS:
+        frame[name] = np.array([name in (r[3] or "").split("|") for r in rows], dtype=np.uint8)
+    return frame
+
+
+def test_zero_positive_findings_are_reported_warned_and_counted(caplog):
+    all_but_hernia = "|".join(LABELS[:-1])
+    frame = tiny_table([("a.png", 1, "A", all_but_hernia), ("b.png", 2, "B", "Hernia|Effusion"),
+                        ("c.png", 3, "B", None), ("d.png", 4, "C", all_but_hernia + "|Hernia")])
+    parts = [frame.iloc[[0]], frame.iloc[[1, 2]], frame.iloc[[3]]]
+    lacking = [name for name in LABELS if name not in ("Hernia", "Effusion")]
+    assert zero_positive_findings(parts) == {0: ["Hernia"], 1: lacking}
+    assert zero_positive_findings([frame]) == {}
+    table = client_finding_table(parts)
+    assert list(table.columns) == ["images", "patients", *LABELS, NO_FINDING, ZERO_POSITIVES]
+    assert table[ZERO_POSITIVES].tolist() == [1, 12, 0]
+    with caplog.at_level(logging.WARNING, logger="fedxray.partition"):
+        again = partition(frame, 3, "column", column="site")
+    assert [list(p["image"]) for p in again] == [["a.png"], ["b.png", "c.png"], ["d.png"]]
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert record.getMessage() == ("column partition: 2 of 3 clients have no positive image of some finding "
+                                   "(their local training never sees one): client 0: Hernia; "
+                                   f"client 1: {', '.join(lacking)}")
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"min_client_patients": 100}, "min_client_patients=100 is impossible for 2 clients"),
+    ({"min_client_images": 1000}, "min_client_images=1000 is impossible for 2 clients"),
+    ({"balanced_sizes": True}, "balanced_sizes is only used by scheme='dirichlet', not 'iid'"),
+])
+def test_a_run_partitions_with_the_configs_minimums_and_balance(tiny_splits, fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        client_partition(Config(num_clients=2, **fields), tiny_splits)
+    _, frames, _ = client_partition(Config(num_clients=2, partition="dirichlet", balanced_sizes=True,
+                                           min_client_patients=2, min_client_images=4), tiny_splits)
+    assert [f["patient_id"].nunique() >= 2 and len(f) >= 4 for f in frames] == [True, True]
