@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -186,21 +187,40 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         found = ckpt.get("format", "none") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path} is not a fedxray checkpoint of format {FORMAT} (found format "
                               f"{found}): {remedy}")
-    problem = seal_problem(ckpt)
+    ckpt = unsealed(ckpt, path, remedy)
+    try:
+        return decoded(ckpt, "global_state")
+    except MALFORMED as e:
+        raise CheckpointError(f"{path} has a malformed entry ({e}): {remedy}") from None
+
+
+# What decoding a record with unexpected entries raises.
+MALFORMED = (ValueError, TypeError, KeyError, AttributeError)
+
+
+def unsealed(record: dict, path: Path, remedy: str) -> dict:
+    """A sealed record (see seal) without its checksum, once the checksum holds; else
+    CheckpointError naming the file and the remedy."""
+    problem = seal_problem(record)
     if problem:
         raise CheckpointError(f"{path} {problem}; {remedy}")
-    del ckpt["checksum"]
-    try:
-        out = {**ckpt, "history": json.loads(ckpt["history"]), "config": json.loads(ckpt["config"]),
-               "info": json.loads(ckpt["info"])}
-        states = {"global_state": ckpt["global_state"],
-                  **{f"local_states[{c}]": s for c, s in ckpt["local_states"].items()}}
-        for name, state in states.items():
-            if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-                raise ValueError(f"{name} is not a mapping of names to tensors")
-    except (ValueError, TypeError, KeyError) as e:
-        raise CheckpointError(f"{path} has a malformed entry ({e}): {remedy}") from None
-    return out
+    return {k: v for k, v in record.items() if k != "checksum"}
+
+
+def decoded(record: dict, state_key: str) -> dict:
+    """A checkpoint's or a finished run's record with its JSON entries (history, config, info)
+    decoded, after checking that record[state_key] and each of its local_states maps names to
+    tensors (one of MALFORMED otherwise)."""
+    states = {state_key: record[state_key], **{f"local_states[{c}]": s for c, s in record["local_states"].items()}}
+    for name, state in states.items():
+        if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+            raise ValueError(f"{name} is not a mapping of names to tensors")
+    return {**record, **{k: json.loads(record[k]) for k in ("history", "config", "info")}}
+
+
+def is_seconds(value: Any) -> bool:
+    """A run time as a checkpoint or a finished run stores it: a finite float >= 0."""
+    return isinstance(value, float) and math.isfinite(value) and value >= 0
 
 
 def restore_rng(ckpt: dict) -> None:

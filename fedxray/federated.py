@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 
 from . import history as hist
 from .checkpoint import (CHECKPOINT, CONFIG, HISTORY, RUN_INFO, CheckpointError, check_resume, clean_orphans,
-                         load_checkpoint, restore_rng, save_checkpoint)
+                         is_seconds, load_checkpoint, restore_rng, save_checkpoint)
 from .client import Client, derive_seed
 from .config import Config
 from .device import DivergenceError, predict
@@ -210,9 +209,7 @@ class FederatedRun:
         ckpt = load_checkpoint(path)
         check_resume(ckpt, path, self.config, self.info, self.inputs)
         self.global_state = checked_state(ckpt["global_state"], self.global_state, path, "global_state")
-        for cl in self.clients:
-            saved = ckpt["local_states"].get(cl.client_id, {})
-            cl.local_state = checked_state(saved, cl.local_state, path, f"client {cl.client_id}'s local state")
+        self._restore_local_states(ckpt["local_states"], path)
         restore_strategy(self.strategy, ckpt, path, self.global_state)
         self.seconds = checked_seconds(ckpt["extra"].get("seconds", 0.0), path)
         self.rows = ckpt["history"]
@@ -230,14 +227,18 @@ class FederatedRun:
         if state:
             self.model.load_state_dict(state, strict=False)
             self.global_state = {k: state[k].to(v.device) for k, v in self.global_state.items()}
-            for cl in self.clients:
-                saved = rec["local_states"].get(cl.client_id, {})
-                cl.local_state = checked_state(saved, cl.local_state, path, f"client {cl.client_id}'s local state")
+            self._restore_local_states(rec["local_states"], path)
         self.rows, self.round, self.seconds = rec["history"], rec["round"], rec["seconds"]
         hist_frame = self.history()
         atomic_write(self.output_dir / HISTORY, lambda tmp: hist_frame.to_csv(tmp, index=False))
         (self.output_dir / CHECKPOINT).unlink(missing_ok=True)   # left by a stop just before it was removed
         log.info("%s finished earlier (%d rounds): nothing to train", self.output_dir, self.round)
+
+    def _restore_local_states(self, saved: dict, path: Path) -> None:
+        """Each client's local state (FedBN's BatchNorm; empty otherwise), checked against its own."""
+        for cl in self.clients:
+            cl.local_state = checked_state(saved.get(cl.client_id, {}), cl.local_state, path,
+                                           f"client {cl.client_id}'s local state")
 
     def _save_final(self) -> None:
         save_final(self.output_dir, self.model, self.round, {cl.client_id: cl.local_state for cl in self.clients},
@@ -262,7 +263,7 @@ def read_finished(path: Path, config: Config, info: dict, inputs: dict, model: C
 
 
 def checked_seconds(value, path: Path) -> float:
-    if not (isinstance(value, float) and math.isfinite(value) and value >= 0):
+    if not is_seconds(value):
         raise CheckpointError(f"{path}: its run time {value!r} is not a number of seconds; delete it, or start "
                               f"over with resume=False")
     return value

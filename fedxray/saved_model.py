@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from .checkpoint import FINAL_MODEL, FINAL_RESULT, CheckpointError, read_weights_file, seal, seal_problem
+from .checkpoint import (FINAL_MODEL, FINAL_RESULT, MALFORMED, CheckpointError, decoded, is_seconds,
+                         read_weights_file, seal, unsealed)
 from .config import Config
 from .data import LABELS
 from .io import atomic_write
@@ -106,26 +106,18 @@ def load_final(path: str | os.PathLike) -> dict:
     if not isinstance(rec, dict) or rec.get("kind") != KIND or rec.get("format") != FORMAT or set(rec) != set(_FIELDS):
         raise CheckpointError(f"{path} is not a fedxray final model of format {FORMAT} (a model saved by "
                               f"another fedxray version, or another file): {remedy}")
-    problem = seal_problem(rec)
-    if problem:
-        raise CheckpointError(f"{path} {problem}; {remedy}")
+    rec = unsealed(rec, path, remedy)
     try:
-        out = {**rec, "history": json.loads(rec["history"]), "config": json.loads(rec["config"]),
-               "info": json.loads(rec["info"])}
+        out = decoded(rec, "state")
         trunk = rec["trunk"]
         if not (isinstance(trunk, dict) and isinstance(trunk.get("digest"), str) and isinstance(trunk.get("source"), str)):
             raise ValueError("its trunk reference is malformed")
         if list(rec["labels"]) != list(LABELS):
             raise ValueError(f"its labels {rec['labels']} are not fedxray's {list(LABELS)}")
-        if not (isinstance(rec["seconds"], float) and math.isfinite(rec["seconds"]) and rec["seconds"] >= 0):
+        if not is_seconds(rec["seconds"]):
             raise ValueError(f"its seconds {rec['seconds']!r} is not a time")
-        for name, state in {"state": rec["state"], **{f"local_states[{c}]": s
-                                                       for c, s in rec["local_states"].items()}}.items():
-            if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-                raise ValueError(f"{name} is not a mapping of names to tensors")
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
+    except MALFORMED as e:
         raise CheckpointError(f"{path} has a malformed entry ({e}): {remedy}") from None
-    del out["checksum"]
     return out
 
 
@@ -233,7 +225,4 @@ def _read_trunk(path: Path, digest: str) -> dict[str, torch.Tensor]:
     rec: Any = read_weights_file(path, "trunk")
     if not isinstance(rec, dict) or rec.get("kind") != TRUNK_KIND or rec.get("digest") != digest:
         raise CheckpointError(f"{path} is not the fedxray trunk {digest[:12]}")
-    problem = seal_problem(rec)
-    if problem:
-        raise CheckpointError(f"{path} {problem}; delete it")
-    return rec["state"]
+    return unsealed(rec, path, "delete it")["state"]
