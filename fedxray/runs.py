@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import re
 import time
 from pathlib import Path
@@ -19,7 +20,9 @@ from . import history as hist
 from .checkpoint import HISTORY
 from .config import RUNTIME_FIELDS, STRATEGY_FIELDS, Config
 from .io import atomic_write, atomic_write_text
-from .saved_model import FINISHED
+from .saved_model import finished
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "run.json"     # what identifies the run; written once
 TIMES = "times.json"      # seconds per notebook section, summed over sessions
@@ -94,18 +97,31 @@ def read_manifest(path: Path) -> dict:
     return m
 
 
-def add_times(folder: str | Path, seconds: Mapping[str, float]) -> dict[str, float]:
-    """Add this session's seconds per section to the folder's times.json; the sums."""
+def read_times(folder: str | Path) -> dict[str, float]:
+    """The folder's times.json (seconds per notebook section), {} when there is none; ValueError
+    naming the file when it is not a mapping of names to numbers."""
     path = Path(folder) / TIMES
+    if not path.exists():
+        return {}
     try:
-        before = json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, json.JSONDecodeError):
+        times = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not readable ({e})") from None
+    if not isinstance(times, dict) or not all(isinstance(v, (int, float)) for v in times.values()):
+        raise ValueError(f"{path}: not a mapping of section names to seconds")
+    return {str(k): float(v) for k, v in times.items()}
+
+
+def add_times(folder: str | Path, seconds: Mapping[str, float]) -> dict[str, float]:
+    """Add this session's seconds per section to the folder's times.json; the sums. A damaged
+    times.json is replaced, with a warning naming it."""
+    try:
+        before = read_times(folder)
+    except ValueError as e:
+        log.warning("%s; starting the sums again", e)
         before = {}
-    if not isinstance(before, dict):
-        before = {}
-    total = {k: float(before.get(k, 0.0)) + float(v) for k, v in seconds.items()}
-    total.update({k: float(v) for k, v in before.items() if k not in total and isinstance(v, (int, float))})
-    atomic_write_text(path, json.dumps(total, indent=2) + "\n")
+    total = {**before, **{k: before.get(k, 0.0) + float(v) for k, v in seconds.items()}}
+    atomic_write_text(Path(folder) / TIMES, json.dumps(total, indent=2) + "\n")
     return total
 
 
@@ -140,8 +156,8 @@ def _methods(folder: Path) -> dict[str, Path]:
 def _finished(method_dir: Path) -> bool:
     if method_dir.name == LOCAL_ONLY:
         clients = list(method_dir.glob("client_*"))
-        return bool(clients) and all(any((c / n).exists() for n in FINISHED) for c in clients)
-    return any((method_dir / n).exists() for n in FINISHED)
+        return bool(clients) and all(finished(c) is not None for c in clients)
+    return finished(method_dir) is not None
 
 
 def run_row(folder: Path) -> dict[str, Any]:
@@ -171,11 +187,10 @@ def run_row(folder: Path) -> dict[str, Any]:
             row["round"] = r
         row[f"{name} val"], row[f"{name} test"], row[f"{name} test AUPRC"] = val, test, test_auprc
     try:
-        times = json.loads((folder / TIMES).read_text()) if (folder / TIMES).exists() else {}
-        row["wall_s"] = round(float(sum(v for v in times.values() if isinstance(v, (int, float)))), 1) \
-            if isinstance(times, dict) and times else np.nan
-    except (OSError, ValueError) as e:
-        problems.append(f"{folder / TIMES}: {e}")
+        times = read_times(folder)
+        row["wall_s"] = round(sum(times.values()), 1) if times else np.nan
+    except ValueError as e:
+        problems.append(str(e))
     row["problem"] = "; ".join(problems)
     return row
 

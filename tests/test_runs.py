@@ -103,3 +103,13 @@ def test_history_read_checks_what_it_reads(tmp_path):
     (tmp_path / "text.csv").write_text("round,split,client,metric,value\n0,val,global,loss,high\n")
     with pytest.raises(ValueError, match=r"text.csv: column 'value' must be numeric"):
         hist.read(tmp_path / "text.csv")
+
+
+def test_a_damaged_times_file_is_named_not_summed_silently(tmp_path, caplog):
+    folder = run_folder(tmp_path, Config.for_dataset("demo"), "demo", DATA).path
+    (folder / "times.json").write_text('{"federated": "a lot"}')
+    assert "times.json: not a mapping of section names to seconds" in runs_table(tmp_path, write=False)["problem"].iloc[0]
+    with caplog.at_level("WARNING", logger="fedxray.runs"):
+        assert add_times(folder, {"federated": 2.0}) == {"federated": 2.0}
+    assert "times.json: not a mapping" in caplog.text
+    assert runs_table(tmp_path, write=False)["wall_s"].iloc[0] == 2.0
