@@ -2,8 +2,10 @@
 
 Measures in one run, on the same images: the training throughput (images/s) of a naive Kaggle
 pipeline (PIL open, convert('RGB'), resize in __getitem__, fp32, batch 32, the whole model in
-train mode, K loader workers), of fedxray's image-cache path and of its feature-cache path (both
-through the real Client.fit); the time to build each cache per image; decoding cost; peak memory.
+train mode, K loader workers), of fedxray's image-cache path (without and with the default
+fedxray.augment.Augmentation, batched on the device: their ratio is augmentation's cost, and the
+augmentation alone is timed too) and of its feature-cache path (all through the real Client.fit);
+the time to build each cache per image; decoding cost; peak memory.
 The full mode (for a GPU machine) adds NIH-sized synthetic data written straight into the cache
 (86,524 training + 25,596 test images), a batch-size sweep, and a whole federated run at NIH size
 (5 clients, 10 rounds of 1 local epoch, test AUROC every round) timed once the image cache exists.
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from .augment import Augmentation
 from .cache import build_image_cache, usable_cores
 from .client import Client
 from .config import Config
@@ -159,18 +162,69 @@ def _sync(device: torch.device) -> None:
 
 # --------------------------------------------------------------------------- the cached paths
 
-def client_throughput(dataset, batch_size: int, plan: Plan, device: torch.device,
-                      amp_dtype: Optional[torch.dtype], repeats: int, num_workers: int = 0) -> dict:
-    """One local epoch of the real Client.fit (one model reused, fresh optimizer) per repeat."""
+def _client_epoch(dataset, batch_size: int, device: torch.device, amp_dtype: Optional[torch.dtype],
+                  num_workers: int = 0, augment: Optional[Augmentation] = None) -> Callable[[], None]:
+    """One local epoch of the real Client.fit per call (one model reused, fresh optimizer, next round)."""
     torch.manual_seed(0)
     model = build_model(len(LABELS), weights=None).to(device)
     state = get_state(model, exchanged_keys(model))
     client = Client(0, dataset, model, batch_size=batch_size, lr=1e-4, device=device,
-                    amp_dtype=amp_dtype, num_workers=num_workers)
-    _reset_gpu_peak(device)
+                    amp_dtype=amp_dtype, num_workers=num_workers, augment=augment)
     rounds = iter(range(1, 10_000))
-    out = _rates(lambda: client.fit(state, round_num=next(rounds)), 1, repeats, 1, len(dataset), device)
+    return lambda: client.fit(state, round_num=next(rounds))
+
+
+def client_throughput(dataset, batch_size: int, plan: Plan, device: torch.device,
+                      amp_dtype: Optional[torch.dtype], repeats: int, num_workers: int = 0) -> dict:
+    """One local epoch of the real Client.fit per repeat."""
+    epoch = _client_epoch(dataset, batch_size, device, amp_dtype, num_workers)
+    _reset_gpu_peak(device)
+    out = _rates(epoch, 1, repeats, 1, len(dataset), device)
     return {**out, "batch_size": batch_size, "gpu_peak_bytes": _gpu_peak(device)}
+
+
+def paired_throughput(dataset, batch_size: int, device: torch.device, amp_dtype: Optional[torch.dtype],
+                      repeats: int, num_workers: int, augment: Augmentation) -> tuple[dict, dict]:
+    """client_throughput without and with augment, their timed epochs interleaved (ABBA...), so
+    that a change in the machine's load or clock hits both alike: their ratio is what matters."""
+    epochs = [_client_epoch(dataset, batch_size, device, amp_dtype, num_workers, aug) for aug in (None, augment)]
+    rates: list[list[float]] = [[], []]
+    peaks: list[Optional[int]] = [None, None]
+    for i in (0, 1):
+        epochs[i]()   # warm-up
+    for r in range(repeats):
+        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+            _reset_gpu_peak(device)
+            _sync(device)
+            t = time.perf_counter()
+            epochs[i]()
+            _sync(device)
+            rates[i].append(len(dataset) / (time.perf_counter() - t))
+            peak = _gpu_peak(device)
+            peaks[i] = peak if peaks[i] is None else max(peaks[i], peak)
+    return tuple({"images_per_s": statistics.median(rates[i]), "repeats": [round(v, 2) for v in rates[i]],
+                  "batch_size": batch_size, "gpu_peak_bytes": peaks[i]} for i in (0, 1))
+
+
+def augment_alone(plan: Plan, device: torch.device) -> dict:
+    """Images/s of the default Augmentation by itself on a model-ready batch (batch_size x 3 x
+    image_size^2, channels_last on a GPU as Client.fit feeds it): a figure the noise of timing
+    whole epochs cannot hide when augmentation is a few percent of a training step."""
+    aug, gen = Augmentation(), torch.Generator().manual_seed(0)
+    x = torch.randn(plan.batch_size, 3, plan.image_size, plan.image_size, device=device)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return _rates(lambda: aug(x, gen), 3, plan.repeats, 10, plan.batch_size, device)
+
+
+def augment_cost(throughput: dict, alone: dict) -> dict:
+    """What augmentation costs the image-cache path: the ratio of the throughputs with and without
+    it and the time it adds per image (both from whole epochs, so within their noise), and the
+    time of augmentation alone per image."""
+    plain, aug = throughput["image_cache"]["images_per_s"], throughput["image_cache_augment"]["images_per_s"]
+    return {"throughput_ratio": aug / plain, "added_us_per_image": 1e6 * (1 / aug - 1 / plain),
+            "alone_images_per_s": alone["images_per_s"], "alone_us_per_image": 1e6 / alone["images_per_s"],
+            "alone_repeats": alone["repeats"], "augmentation": dataclasses.asdict(Augmentation())}
 
 
 def _reset_gpu_peak(device: torch.device) -> None:
@@ -296,9 +350,12 @@ def run(mode: str, device: torch.device, workdir: Path, data_dir: Optional[Path]
                                       "processes": usable_cores(),
                                       "nih_projection_s": dt / len(frame) * (NIH_TRAIN + NIH_TEST)}
     epoch = repeated(frame, plan.epoch_images)
-    result["throughput"]["image_cache"] = r = client_throughput(
-        cache.dataset(epoch), plan.batch_size, plan, device, amp, plan.repeats, plan.loader_workers)
-    log(f"image cache: {r['images_per_s']:.1f} images/s")
+    plain, augmented = paired_throughput(cache.dataset(epoch), plan.batch_size, device, amp, plan.repeats,
+                                         plan.loader_workers, Augmentation())
+    result["throughput"]["image_cache"], result["throughput"]["image_cache_augment"] = plain, augmented
+    result["augment_cost"] = augment_cost(result["throughput"], augment_alone(plan, device))
+    log(f"image cache: {plain['images_per_s']:.1f} images/s, with augmentation "
+        f"{augmented['images_per_s']:.1f} images/s")
 
     torch.manual_seed(0)
     model = build_model(len(LABELS), weights=None).to(device)
@@ -382,6 +439,12 @@ def table(result: dict) -> str:
         peak = f"{v['gpu_peak_bytes'] / gib:.2f}" if v.get("gpu_peak_bytes") else "-"
         lines.append(f"{k:<28}{bs:>7}{v['images_per_s']:>12.1f}{v['images_per_s'] / naive:>10.1f}{peak:>14}")
     d, b = result["decode"], result["build"]
+    if "augment_cost" in result:
+        a = result["augment_cost"]
+        lines += ["", f"augmentation (default Augmentation, on {result['device']}): image-cache throughput "
+                      f"x{a['throughput_ratio']:.3f} with it ({a['added_us_per_image']:+.0f} us/image); "
+                      f"augmentation alone {a['alone_images_per_s']:.0f} images/s "
+                      f"({a['alone_us_per_image']:.0f} us/image)"]
     lines += ["", f"decode one PNG, one core: load_gray {d['load_gray_ms']:.1f} ms, "
                   f"convert('RGB') + resize {d['rgb_resize_ms']:.1f} ms",
               f"image cache build: {1e3 * b['image_cache']['s_per_image']:.2f} ms/image wall over "

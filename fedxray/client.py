@@ -1,15 +1,16 @@
 """A federated client: one hospital's data, trained locally on layer4 + fc from the global weights."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .data import DataError
+from .data import LABELS, DataError
 from .device import DivergenceError, autocast, batches, forward_of, is_feature_data, place_model, to_input
 from .model import bn_keys, exchanged_keys, get_state
 from .objectives import Objective
@@ -18,6 +19,7 @@ from .objectives import Objective
 # A mean BCE per finding this high means confidently wrong logits of about +-100 on average: no
 # model that is learning gets near it (an untrained head gives 0.69), only one whose weights ran away.
 DIVERGED_LOSS = 100.0
+_AUGMENT_STREAM = 0xA06   # keeps the augmentation draws apart from the batch order's
 
 
 class NonFiniteLossError(DivergenceError):
@@ -47,6 +49,24 @@ def derive_seed(*parts: int) -> int:
 
 # The local optimizers, by Config.optimizer name.
 OPTIMIZERS = ("adam", "sgd")
+# The client learning rate by round, by Config.lr_schedule name (see scheduled_lr).
+LR_SCHEDULES = ("constant", "cosine", "step")
+
+
+def scheduled_lr(lr: float, schedule: str, round_num: int, num_rounds: int) -> float:
+    """The client learning rate in round round_num (1..num_rounds) of a run: "constant" lr;
+    "cosine" lr * (1 + cos(pi * (round_num - 1) / num_rounds)) / 2 (lr in round 1, falling towards
+    0 without reaching it); "step" lr, then lr / 10 from round floor(num_rounds / 2) + 1 and lr / 100
+    from round floor(3 * num_rounds / 4) + 1 (no decay for a 1-round run)."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    if not 1 <= round_num <= num_rounds:
+        raise ValueError(f"round {round_num} is outside the run's rounds 1..{num_rounds}")
+    if schedule == "cosine":
+        return lr * (1 + math.cos(math.pi * (round_num - 1) / num_rounds)) / 2
+    if schedule == "step":
+        return lr * 0.1 ** sum(round_num > b for b in {num_rounds // 2, 3 * num_rounds // 4} if b >= 1)
+    return lr
 
 
 def make_optimizer(params, name: str, lr: float, momentum: float = 0.9,
@@ -71,7 +91,10 @@ class Client:
                  batch_size: int = 32, lr: float = 1e-3, optimizer: str = "adam", momentum: float = 0.9,
                  weight_decay: float = 0.0, seed: int = 0, bn_policy: str = "average",
                  device: torch.device | str = "cpu", amp_dtype: Optional[torch.dtype] = None,
-                 num_workers: int = 0, objective: Optional[Objective] = None):
+                 num_workers: int = 0, objective: Optional[Objective] = None,
+                 augment: Optional[Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = None,
+                 lr_schedule: str = "constant", num_rounds: Optional[int] = None,
+                 pos_weight: Optional[torch.Tensor] = None):
         if len(dataset) == 0:
             raise ValueError(f"client {client_id} has no training examples")
         self.client_id = int(client_id)
@@ -86,19 +109,41 @@ class Client:
         self.amp_dtype = amp_dtype
         self.num_workers = num_workers
         self.objective = objective if objective is not None else Objective()   # plain BCE
+        # augment(x, generator): random changes to a batch of model-ready images on the device
+        # (fedxray.augment.Augmentation); training batches only, drawn from (seed, round, client).
+        self.augment = augment
+        if lr_schedule != "constant" and num_rounds is None:
+            raise ValueError(f"client {client_id}: lr_schedule {lr_schedule!r} needs the run's num_rounds")
+        scheduled_lr(lr, lr_schedule, 1, num_rounds or 1)   # checks the schedule's name
+        self.lr_schedule, self.num_rounds = lr_schedule, num_rounds
+        # BCE's weight of each finding's positives (negatives / positives over the federation), or None.
+        self.pos_weight = None if pos_weight is None else torch.as_tensor(pos_weight, dtype=torch.float32)
+        if self.pos_weight is not None and tuple(self.pos_weight.shape) != (len(LABELS),):
+            raise ValueError(f"client {client_id}: pos_weight must hold one weight per finding ({len(LABELS)}), "
+                             f"got shape {tuple(self.pos_weight.shape)}")
+        if augment is not None and is_feature_data(dataset):
+            raise ValueError(f"client {client_id}: augmentation needs images, but its dataset holds cached trunk "
+                             f"features (fixed outputs of the trunk): turn off feature_cache or augment")
         self.keys = exchanged_keys(model, bn_policy)
         # FedBN: this client's own layer4 BatchNorm state, starting from the model's initial one.
         self.local_state = get_state(model, bn_keys(model)) if bn_policy == "local" else {}
 
     @classmethod
     def from_config(cls, client_id: int, dataset: Dataset, model: nn.Module, config, device: torch.device,
-                    objective: Optional[Objective] = None) -> "Client":
-        """A Client with the local-training fields of a fedxray.Config and its strategy's objective."""
+                    objective: Optional[Objective] = None, pos_weight: Optional[torch.Tensor] = None) -> "Client":
+        """A Client with the local-training fields of a fedxray.Config and its strategy's objective;
+        pos_weight: the federation's (fedxray.objectives.pos_weight_from_counts), when config.pos_weight."""
         c = config
+        if c.pos_weight and pos_weight is None:
+            raise ValueError(f"client {client_id}: config.pos_weight is on, but no pos_weight was given: compute "
+                             f"it from the federation's label counts (fedxray.objectives.pos_weight_from_counts)")
+        from .augment import Augmentation
         return cls(client_id, dataset, model, local_epochs=c.local_epochs, batch_size=c.batch_size, lr=c.lr,
                    optimizer=c.optimizer, momentum=c.momentum, weight_decay=c.weight_decay, seed=c.seed,
                    bn_policy=c.bn_policy, device=device, amp_dtype=c.resolve_amp(device),
-                   num_workers=c.num_workers, objective=objective)
+                   num_workers=c.num_workers, objective=objective,
+                   augment=Augmentation() if c.augment else None, lr_schedule=c.lr_schedule,
+                   num_rounds=c.num_rounds, pos_weight=pos_weight if c.pos_weight else None)
 
     def fit(self, global_state: Mapping[str, torch.Tensor], round_num: int,
             payload: Optional[Mapping[str, torch.Tensor]] = None) -> ClientUpdate:
@@ -127,10 +172,12 @@ class Client:
         anchor = {name: global_state[name].detach().to(self.device) for name in shared}
         payload = {k: v.detach().to(self.device) for k, v in (payload or {}).items()}
         forward = forward_of(model, self.dataset)   # cached features: layer4+fc only
-        opt = make_optimizer(params, self.optimizer, self.lr, self.momentum, self.weight_decay)
+        lr = self.lr_at(round_num)
+        opt = make_optimizer(params, self.optimizer, lr, self.momentum, self.weight_decay)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        loss_fn = nn.BCEWithLogitsLoss()
+        loss_fn = nn.BCEWithLogitsLoss(pos_weight=None if self.pos_weight is None else self.pos_weight.to(self.device))
         gen = torch.Generator().manual_seed(derive_seed(self.seed, round_num, self.client_id))
+        aug_gen = torch.Generator().manual_seed(derive_seed(self.seed, round_num, self.client_id, _AUGMENT_STREAM))
         loader = batches(self.dataset, self.batch_size, self.device, shuffle=True, generator=gen,
                          num_workers=self.num_workers)
         # The loss sum stays on the device (float64) and is checked once per epoch: a per-step
@@ -143,6 +190,8 @@ class Client:
         for epoch in range(self.local_epochs):
             for x, y in loader:
                 x = to_input(x, self.device, self.amp_dtype)
+                if self.augment is not None:
+                    x = self.augment(x, aug_gen)
                 y = y.to(self.device, non_blocking=True)
                 if check_inputs:   # cached features are read back from disk: they can be damaged
                     bad_inputs |= ~torch.isfinite(x).all()
@@ -183,10 +232,16 @@ class Client:
         if self.local_state:
             self.local_state = get_state(model, self.local_state)
         with torch.no_grad():
-            sent_back = self.objective.reply(shared, anchor, payload, steps, self.lr)
+            sent_back = self.objective.reply(shared, anchor, payload, steps, lr)
         return ClientUpdate(state=state, num_examples=len(self.dataset), train_loss=train_loss,
                             client_id=self.client_id,
                             extra={k: v.detach().to("cpu", copy=True) for k, v in sent_back.items()})
+
+    def lr_at(self, round_num: int) -> float:
+        """The learning rate of round round_num (the schedule's, see scheduled_lr)."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        return scheduled_lr(self.lr, self.lr_schedule, round_num, self.num_rounds)
 
     def _check_received(self, first_loss: Optional[torch.Tensor], round_num: int) -> None:
         """Blame the global model, not this client's training, when it was already diverged on arrival."""

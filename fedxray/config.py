@@ -10,11 +10,12 @@ from typing import Any, Optional
 import torch
 
 # Each set of allowed values lives with the code that implements it; Config checks against them.
-from .client import OPTIMIZERS
+from .client import LR_SCHEDULES, OPTIMIZERS
 from .device import AMP_MODES
 from .features import FEATURE_DTYPES as _FEATURE_DTYPES
 from .model import BN_POLICIES
 from .partition import SCHEMES as PARTITIONS
+from .selection import SELECT_ROUNDS
 from .strategies import STRATEGIES, make_strategy
 
 FEATURE_DTYPES = tuple(str(t).removeprefix("torch.") for t in _FEATURE_DTYPES)
@@ -83,6 +84,16 @@ class Config:
         needs 0.
     weight_decay : float, default 0.0
         The client optimizer's weight decay (L2 penalty added to the gradient), >= 0.
+    lr_schedule : str, default 'constant'
+        The client learning rate by round (fedxray.client.scheduled_lr): "constant" (lr every
+        round), "cosine" (lr * (1 + cos(pi * (r - 1) / num_rounds)) / 2 in round r: lr in round 1,
+        near 0 in the last) or "step" (lr, then lr / 10 from half the rounds and lr / 100 from
+        three quarters, the classic ResNet schedule).
+    pos_weight : bool, default False
+        Weigh each finding's positive examples in the BCE loss by negatives / positives, counted
+        over the whole federation (each client reports its label counts, never its images;
+        fedxray.objectives.pos_weight_from_counts): rare findings weigh more. A finding without a
+        positive anywhere keeps weight 1. The reported train_loss is then the weighted loss.
 
     Data:
 
@@ -127,6 +138,11 @@ class Config:
     max_images : int or None, default None
         Cap on the training images, for quick runs: >= 1, taken as whole patients in a seeded
         order (validation and test shrink by the same ratio); None = no cap.
+    augment : bool, default False
+        Random small rotations, scaling, translations, brightness and contrast of each training
+        batch, on the device (fedxray.augment.Augmentation; no horizontal flip: the heart's side
+        is anatomy). Needs images: refused with feature_cache True (the cached trunk outputs are
+        fixed); Config.for_dataset turns a dataset's default feature_cache off for it.
     preload : bool, default False
         Decode every image once into memory when the datasets are built (small data only);
         unused when a cache serves the images. In RUNTIME_FIELDS.
@@ -178,9 +194,15 @@ class Config:
     eval_batch_size : int, default 128
         Images per batch when scoring validation and test, and when computing cached features;
         >= 1 (it may exceed batch_size: no gradients are kept).
+    select_round : str, default 'best_val'
+        Which round's global model the run reports, tests and saves (fedxray.selection):
+        "best_val" = the round (>= 1) with the highest validation mean AUROC, the earliest on a
+        tie; "last" = the last round. The history keeps every round and names the chosen one
+        (metric "selected_round"); test never takes part in the choice.
     test_every_round : bool, default True
         Score the test set at round 0 and after every round; False = only after the last round
-        (validation is scored every round either way). DATASET_DEFAULTS: "nih" False (25,596
+        (validation is scored every round either way; test then scores the selected round's
+        model once, see select_round). DATASET_DEFAULTS: "nih" False (25,596
         test images), "demo" True.
 
     Execution:
@@ -233,6 +255,8 @@ class Config:
     optimizer: str = "adam"
     momentum: float = 0.9
     weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    pos_weight: bool = False
     # Data
     image_size: int = 224
     partition: str = "iid"
@@ -242,6 +266,7 @@ class Config:
     min_client_patients: int = 1
     min_client_images: int = 1
     max_images: Optional[int] = None
+    augment: bool = False
     preload: bool = False
     # Strategy: None = the strategy's default; one the strategy does not use must stay None
     strategy: str = "fedavg"
@@ -258,6 +283,7 @@ class Config:
     bn_policy: str = "average"
     # Evaluation
     eval_batch_size: int = 128
+    select_round: str = "best_val"
     test_every_round: bool = True
     # Execution
     seed: int = 0
@@ -281,6 +307,17 @@ class Config:
         need(0.0 < self.fraction_fit <= 1.0, f"fraction_fit must be in (0, 1], got {self.fraction_fit}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
+        need(self.lr_schedule in LR_SCHEDULES,
+             f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        need(self.select_round in SELECT_ROUNDS,
+             f"select_round must be one of {SELECT_ROUNDS}, got {self.select_round!r}")
+        for name in ("pos_weight", "augment"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
+        need(not (self.augment and self.feature_cache),
+             "augment=True and feature_cache=True cannot go together: augmentation changes the images, so "
+             "the trunk's cached outputs would be stale and augment would do nothing. Set feature_cache=False "
+             "to augment, or augment=False to keep the feature cache")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         need(self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         need(self.bn_policy in BN_POLICIES, f"bn_policy must be one of {BN_POLICIES}, got {self.bn_policy!r}")
@@ -332,7 +369,9 @@ class Config:
         default when given as None (the notebook's parameters cell)."""
         if dataset not in DATASET_DEFAULTS:
             raise ValueError(f"dataset must be one of {sorted(DATASET_DEFAULTS)}, got {dataset!r}")
-        defaults = DATASET_DEFAULTS[dataset]
+        defaults = dict(DATASET_DEFAULTS[dataset])
+        if fields.get("augment") and fields.get("feature_cache") is None:
+            defaults["feature_cache"] = False   # the dataset's default yields to asking for augmentation
         chosen = {k: v for k, v in fields.items() if v is not None or k not in defaults}
         return cls(**{**defaults, **chosen})
 

@@ -26,6 +26,7 @@ from .model import EXCHANGED_PREFIXES, ChestXrayResNet, state_problems
 from .parts import RunParts, cap_splits, centralized, local_only, prepare, reuse  # noqa: F401  (cap_splits: public here)
 from .progress import bar
 from .saved_model import FINISHED, finished, load_final, save_final
+from .selection import BestRound
 from .strategies import Strategy
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,17 @@ def evaluate(parts: RunParts, global_state: dict[str, torch.Tensor], round_num: 
     return rows + hist.metric_rows(round_num, split, hist.GLOBAL, np.mean(all_probs, axis=0), labels)
 
 
+def final_rows(parts: RunParts, best: BestRound, num_rounds: int, clients: Sequence[Client] = ()) -> list[dict]:
+    """What a run adds once its rounds are done: the test rows of the selected round's model (scored
+    here, once, unless test_every_round scored every round) and the row naming that round. The
+    clients take the selected round's local states (FedBN), which the final model saves."""
+    for cl in clients:
+        cl.local_state = {k: v.to(cl.local_state[k].device) for k, v in best.local_states.get(cl.client_id, {}).items()} \
+            if cl.local_state else {}
+    rows = [] if parts.config.test_every_round else evaluate(parts, best.global_state, best.round, "test", clients)
+    return rows + [best.row(num_rounds)]
+
+
 class FederatedRun:
     """One federated experiment over prepared parts: its global state, its strategy's server
     state, and its history and checkpoints in output_dir.
@@ -94,6 +106,7 @@ class FederatedRun:
         self.rows: list[dict] = []
         self.round = 0
         self.seconds = 0.0               # training and evaluation time, summed over resumes
+        self.best = BestRound(self.config.select_round)   # the round reported, tested and saved
         self.inputs = parts.inputs()
         self.info = parts.info()
 
@@ -130,6 +143,10 @@ class FederatedRun:
             self._round(r, rounds)
             self._postfix(rounds)
         rounds.close()
+        t0 = time.perf_counter()
+        self.rows += final_rows(self.parts, self.best, self.round, self.clients)
+        self.global_state = {k: self.best.global_state[k].to(v.device) for k, v in self.global_state.items()}
+        self.seconds += time.perf_counter() - t0
         self.model.load_state_dict(self.global_state, strict=False)
         self._save_final()
         return RunResult(self.history(), self.model if self.keep_model else None, self.output_dir, self.info)
@@ -150,6 +167,7 @@ class FederatedRun:
             (self.output_dir / name).unlink(missing_ok=True)
         self.config.save(self.output_dir / CONFIG)
         self.strategy.reset()   # parts reused by a second run must not carry the first run's server state
+        self.best = BestRound(self.config.select_round)
         atomic_write_text(self.output_dir / RUN_INFO, json.dumps(self.info, indent=2) + "\n")
         t0 = time.perf_counter()
         self.rows = self.evaluate(0, "val")
@@ -180,7 +198,7 @@ class FederatedRun:
         try:
             rows = hist.train_rows(r, chosen, updates, sent_bytes)
             rows += evaluate(self.parts, new_state, r, "val", self.clients)
-            if c.test_every_round or r == c.num_rounds:
+            if c.test_every_round:
                 rows += evaluate(self.parts, new_state, r, "test", self.clients)
         except DivergenceError as e:
             self.strategy.load_state_dict(before, self.global_state)
@@ -189,6 +207,7 @@ class FederatedRun:
         self.global_state = new_state
         self.rows += rows
         self.round = r
+        self.best.offer(r, rows, new_state, {cl.client_id: cl.local_state for cl in self.clients})
         self.seconds += time.perf_counter() - t0
         self._save_checkpoint()
 
@@ -200,7 +219,8 @@ class FederatedRun:
         save_checkpoint(self.output_dir, self.round, self.global_state,
                         {cl.client_id: cl.local_state for cl in self.clients}, self.rows, self.config,
                         self.info, self.inputs, extra={"strategy": self.strategy.state_dict(),
-                                                       "seconds": float(self.seconds)})
+                                                       "seconds": float(self.seconds),
+                                                       "best": self.best.state_dict(self.round)})
 
     def _load_checkpoint(self) -> None:
         """Resume from the verified checkpoint, after checking it was written by this very
@@ -214,6 +234,8 @@ class FederatedRun:
         self.seconds = checked_seconds(ckpt["extra"].get("seconds", 0.0), path)
         self.rows = ckpt["history"]
         self.round = ckpt["round"]
+        restore_selection(self.best, ckpt, path, self.global_state,
+                          {cl.client_id: cl.local_state for cl in self.clients})
         restore_rng(ckpt)
         log.info("resuming %s after round %d of %d", self.output_dir, self.round, self.config.num_rounds)
 
@@ -291,6 +313,19 @@ def restore_strategy(strategy: Strategy, ckpt: dict, path: Path, global_state: d
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{path}: its {strategy.name} server state cannot be used ({e}); use another "
                               f"output_dir, or resume=False to start over") from None
+
+
+def restore_selection(best: BestRound, ckpt: dict, path: Path, global_state: dict, local_states: dict) -> None:
+    """Load the model-selection state (the best round so far and its states) from a checkpoint,
+    checked against the run's own states."""
+    saved = ckpt["extra"].get("best")
+    if saved is None:
+        raise CheckpointError(f"{path} holds no model-selection state (written by an older fedxray?): use "
+                              f"another output_dir, or resume=False to start over")
+    try:
+        best.load_state_dict(saved, ckpt["round"], global_state, local_states, path)
+    except ValueError as e:
+        raise CheckpointError(f"{e}; use another output_dir, or resume=False to start over") from None
 
 
 def run_federated(config: Config, splits: dict[str, pd.DataFrame], output_dir: str | Path,

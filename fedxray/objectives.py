@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Mapping, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -95,3 +96,32 @@ def _check_names(params: Mapping[str, Tensor], other: Mapping[str, Tensor], what
                          f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}, unexpected "
                          f"{extra[:3]}{' ...' if len(extra) > 3 else ''}; build it from the same global state "
                          f"with the model's buffers named as buffers")
+
+
+def label_counts(labels) -> tuple[int, np.ndarray]:
+    """(images, positives per finding) of a client's labels: a table with the LABELS columns or an
+    [n, 14] 0/1 array. What a client reports for pos_weight: counts, never images."""
+    from .data import LABELS
+    y = labels.loc[:, list(LABELS)].to_numpy() if hasattr(labels, "loc") else np.asarray(labels)
+    if y.ndim != 2 or y.shape[1] != len(LABELS):
+        raise ValueError(f"labels must have {len(LABELS)} finding columns, got shape {y.shape}")
+    return int(y.shape[0]), (y > 0).sum(axis=0).astype(np.int64)
+
+
+def pos_weight_from_counts(counts) -> Tensor:
+    """BCE pos_weight per finding from each client's (images, positives per finding): negatives /
+    positives of the whole federation, the same as computed from the pooled labels. A finding without
+    a positive anywhere keeps weight 1 (nothing to up-weight).
+
+    Per-client weights would differ: under label skew a site with few positives of a finding would
+    weigh them far more than the federation does, so the clients would pull the shared head towards
+    different operating points, and FedAvg would average models trained for different losses."""
+    counts = list(counts)
+    if not counts:
+        raise ValueError("pos_weight needs the label counts of at least one client")
+    n = sum(int(c[0]) for c in counts)
+    pos = np.sum([np.asarray(c[1], dtype=np.int64) for c in counts], axis=0)
+    if (pos < 0).any() or (pos > n).any():
+        raise ValueError(f"label counts are inconsistent: positives {pos.tolist()} for {n} images")
+    weight = np.where(pos > 0, (n - pos) / np.maximum(pos, 1), 1.0)
+    return torch.tensor(weight, dtype=torch.float32)

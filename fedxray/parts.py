@@ -22,6 +22,7 @@ from .config import Config
 from .data import LABELS, NIHDataset
 from .features import FeatureCache, build_feature_cache
 from .model import ChestXrayResNet, buffer_keys, build_model, exchanged_keys, get_state, trunk_digest
+from .objectives import label_counts, pos_weight_from_counts
 from .partition import partition
 from .strategies import Strategy, make_strategy
 
@@ -195,7 +196,10 @@ class RunParts:
         starts from the model as built, not as the last run left it."""
         self.model.load_state_dict(self.initial, strict=False)
         strategy = strategy_for(config, self.model)
-        clients = [Client.from_config(k, self.source.dataset(f), self.model, config, self.device, strategy.objective)
+        # pos_weight from the clients' label counts (what each would report), the same for all of them.
+        weight = pos_weight_from_counts(label_counts(f) for f in client_frames) if config.pos_weight else None
+        clients = [Client.from_config(k, self.source.dataset(f), self.model, config, self.device, strategy.objective,
+                                      pos_weight=weight)
                    for k, f in enumerate(client_frames)]
         return dataclasses.replace(self, config=config, client_frames=list(client_frames), strategy=strategy,
                                    clients=clients)

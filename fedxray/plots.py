@@ -10,6 +10,7 @@ import pandas as pd
 from .data import LABELS
 from .history import ALL, GLOBAL, select
 from .io import atomic_write
+from .selection import reported_round
 
 
 def _plt():
@@ -28,17 +29,21 @@ def save_figure(fig, out_dir: str | Path, name: str, dpi: int = 150) -> list[Pat
 
 
 def final_test_auroc(history: pd.DataFrame, client: str = GLOBAL) -> pd.Series:
-    """Per-finding test AUROC of the last evaluated round, indexed by finding name."""
+    """Per-finding test AUROC of the reported round (see _final_test), indexed by finding name."""
     return _final_test(history, "auroc", client)
 
 
 def _final_test(history: pd.DataFrame, metric: str, client: str = GLOBAL) -> pd.Series:
-    """Per-finding test `metric` ("auroc" or "auprc") of the last evaluated round, by finding name."""
+    """Per-finding test `metric` ("auroc" or "auprc") of the round the history reports (the one model
+    selection chose, fedxray.selection.reported_round), by finding name."""
     h = select(history, "test", client=client)
     if h.empty:
         raise ValueError(f"no test rows for client {client!r} in the history")
-    last = h[h["round"] == h["round"].max()]
-    per = last.set_index("metric")["value"]
+    at = h[h["round"] == reported_round(history, client)]
+    if at.empty:
+        raise ValueError(f"the history reports round {reported_round(history, client)} for client {client!r}, "
+                         f"but has no test rows of that round")
+    per = at.set_index("metric")["value"]
     return pd.Series([per.get(f"{metric}_{n}", np.nan) for n in LABELS], index=list(LABELS), dtype=float)
 
 
@@ -67,6 +72,43 @@ def _findings_table(histories: Mapping[str, pd.DataFrame], metric: str) -> pd.Da
     table = pd.DataFrame(cols)
     table.loc["mean"] = table.mean(axis=0, skipna=True)
     return table
+
+
+def local_only_table(history: pd.DataFrame) -> pd.DataFrame:
+    """The local-only baseline client by client (its combined history, 'client' naming each model):
+    training images, the round reported, validation and test mean AUROC and test mean AUPRC; then
+    the plain mean over clients, the mean weighted by training images, and the worst client (the
+    lowest test mean AUROC). A small site's poor model weighs less in the weighted mean."""
+    rows = {}
+    for client in sorted(set(history.loc[history["split"] == "test", "client"].astype(str)), key=_client_order):
+        r = reported_round(history, client)
+        own = history[history["client"].astype(str) == client]
+        at = own[own["round"] == r]
+
+        def value(split: str, metric: str, frame=at) -> float:
+            v = frame[(frame["split"] == split) & (frame["metric"] == metric)]["value"]
+            return float(v.iloc[-1]) if len(v) else np.nan
+        rows[f"client {client}"] = {"images": value("train", "num_examples", own[own["round"] == 1]), "round": r,
+                                    "val mean AUROC": value("val", "mean_auroc"),
+                                    "test mean AUROC": value("test", "mean_auroc"),
+                                    "test mean AUPRC": value("test", "mean_auprc")}
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    if table.empty:
+        raise ValueError("no test rows of any client in the local-only history")
+    scores = ["val mean AUROC", "test mean AUROC", "test mean AUPRC"]
+    weights = table["images"].to_numpy(float)
+    summary = {"mean": table[scores].mean(), "size-weighted mean": pd.Series(
+        {c: float(np.average(table[c], weights=weights)) if np.isfinite(weights).all() and weights.sum() > 0
+         and table[c].notna().all() else np.nan for c in scores})}
+    worst = table["test mean AUROC"].idxmin() if table["test mean AUROC"].notna().any() else None
+    out = pd.concat([table, pd.DataFrame(summary).T.assign(images=weights.sum(), round=np.nan)])
+    if worst is not None:
+        out.loc[f"worst ({worst})"] = table.loc[worst]
+    return out
+
+
+def _client_order(name: str):
+    return (0, int(name)) if name.isdigit() else (1, name)
 
 
 def plot_prevalence(frame: pd.DataFrame, title: str = "Finding prevalence"):
@@ -199,7 +241,7 @@ def plot_strategy_curves(histories: Mapping[str, pd.DataFrame], split: str = "va
 
 
 def plot_final_auroc(histories: Mapping[str, pd.DataFrame], title: str = "Final test mean AUROC"):
-    """One bar per run: the global model's test mean AUROC after its last round, value printed on it."""
+    """One bar per run: the global model's test mean AUROC at its reported round, value printed on it."""
     plt = _plt()
     names = list(histories)
     values = [float(final_test_auroc(h).mean(skipna=True)) for h in histories.values()]
@@ -210,7 +252,7 @@ def plot_final_auroc(histories: Mapping[str, pd.DataFrame], title: str = "Final 
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_ylim(0.4, 1.0)
-    ax.set_ylabel("test mean AUROC (final round)")
+    ax.set_ylabel("test mean AUROC (selected round)")
     ax.set_title(title)
     fig.tight_layout()
     return fig

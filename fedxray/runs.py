@@ -21,6 +21,7 @@ from .checkpoint import HISTORY
 from .config import RUNTIME_FIELDS, STRATEGY_FIELDS, Config
 from .io import atomic_write, atomic_write_text
 from .saved_model import finished
+from .selection import reported_round
 
 log = logging.getLogger(__name__)
 
@@ -128,20 +129,24 @@ def add_times(folder: str | Path, seconds: Mapping[str, float]) -> dict[str, flo
 # --------------------------------------------------------------------------- the table
 
 def _scores(history: pd.DataFrame) -> tuple[Optional[int], float, float, float]:
-    """(round reported, val mean AUROC, test mean AUROC, test mean AUPRC) of a method's history: the
-    last round with test scores; a local-only history (one client per model) gives the mean over
-    clients. A history written before AUPRC was recorded gives NaN for it."""
+    """(round reported, val mean AUROC, test mean AUROC, test mean AUPRC) of a method's history, at
+    the round its model selection chose (fedxray.selection.reported_round); a local-only history
+    (one client per model) gives the mean over clients, each at its own round, and the latest of
+    their rounds. A history written before AUPRC was recorded gives NaN for it."""
     test = history[(history["split"] == "test") & (history["metric"] == "mean_auroc")]
     if test.empty:
         return None, np.nan, np.nan, np.nan
-    r = int(test["round"].max())
-    at = history[history["round"] == r]
-    clients = set(at.loc[at["metric"] == "mean_auroc", "client"]) - {hist.ALL, hist.SERVER}
-    who = at["client"].isin([hist.GLOBAL] if hist.GLOBAL in clients else sorted(clients))
-
-    def mean(split: str, metric: str) -> float:
-        return float(at[(at["split"] == split) & (at["metric"] == metric) & who]["value"].mean())
-    return r, mean("val", "mean_auroc"), mean("test", "mean_auroc"), mean("test", "mean_auprc")
+    clients = sorted(set(test["client"].astype(str)))
+    who = [hist.GLOBAL] if hist.GLOBAL in clients else clients
+    scores, rounds = [], []
+    for client in who:
+        r = reported_round(history, client)
+        at = history[(history["round"] == r) & (history["client"].astype(str) == client)]
+        rounds.append(r)
+        scores.append([float(at[(at["split"] == split) & (at["metric"] == metric)]["value"].mean())
+                       for split, metric in (("val", "mean_auroc"), ("test", "mean_auroc"), ("test", "mean_auprc"))])
+    val, test_auroc, test_auprc = (float(v) for v in pd.DataFrame(scores).mean())   # NaN-skipping
+    return max(rounds), val, test_auroc, test_auprc
 
 
 def _methods(folder: Path) -> dict[str, Path]:

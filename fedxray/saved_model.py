@@ -20,10 +20,11 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from .checkpoint import (FINAL_MODEL, FINAL_RESULT, MALFORMED, CheckpointError, decoded, is_seconds,
+from .checkpoint import (FINAL_MODEL, FINAL_RESULT, HISTORY, MALFORMED, CheckpointError, decoded, is_seconds,
                          read_weights_file, seal, unsealed)
 from .config import Config
 from .data import LABELS
+from .history import frame as history_frame
 from .io import atomic_write
 from .model import EXCHANGED_PREFIXES, ChestXrayResNet, build_model, state_problems, trunk_digest
 
@@ -56,7 +57,7 @@ def save_final(output_dir: str | os.PathLike, model: ChestXrayResNet, round_num:
                trunk_dir: Optional[str | os.PathLike] = None) -> Path:
     """Write the finished run's one file (atomically, sealed): final_model.pt with the trained part
     of `model` (its layer4 and fc, as loaded now) when keep_model, else final_result.pt without
-    weights. A random trunk is stored once in trunk_dir (default: output_dir's parent's trunks/)."""
+    weights; history.csv is written first, with every row. A random trunk is stored once in trunk_dir (default: output_dir's parent's trunks/)."""
     output_dir = Path(output_dir)
     digest = inputs["trunk"]
     source = model.weights_source
@@ -76,6 +77,8 @@ def save_final(output_dir: str | os.PathLike, model: ChestXrayResNet, round_num:
         "inputs": {str(k): str(v) for k, v in inputs.items()}, "seconds": float(seconds),
     })
     path = output_dir / (FINAL_MODEL if keep_model else FINAL_RESULT)
+    table = history_frame(rows)   # history.csv first: it holds the rows the last checkpoint did not
+    atomic_write(output_dir / HISTORY, lambda tmp: table.to_csv(tmp, index=False))
     atomic_write(path, lambda tmp: torch.save(record, tmp))
     return path
 

@@ -35,8 +35,10 @@ def test_run_writes_history_config_and_checkpoint(tiny_splits, tmp_path):
     assert json.loads((tmp_path / "run_info.json").read_text())["weights_source"] == "random"
     val = h[(h.split == "val") & (h.client == "global")]
     assert sorted(val["round"].unique()) == [0, 1, 2]                 # round 0 = untrained model
-    assert set(val.metric) == {"loss", "mean_auroc", "mean_auprc"} | {f"{m}_{n}" for m in ("auroc", "auprc")
-                                                                   for n in LABELS}
+    assert set(val.metric) == {"loss", "mean_auroc", "mean_auprc", "selected_round"} | {
+        f"{m}_{n}" for m in ("auroc", "auprc") for n in LABELS}
+    chosen = val[val.metric == "selected_round"]                       # one row, at the last round
+    assert len(chosen) == 1 and chosen["round"].item() == 2 and chosen["value"].item() in (1, 2)
     assert sorted(h[h.split == "test"]["round"].unique()) == [0, 1, 2]
     train = h[(h.metric == "train_loss") & (h.client != "all")]
     assert len(train) == 2 * 2 and (train.value > 0).all()

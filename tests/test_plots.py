@@ -157,3 +157,24 @@ def test_loss_curves_show_each_client_clearly_and_legend_them():
     many = plots.plot_loss_curves(_history(clients=[str(k) for k in range(12)]))
     legend = [t.get_text() for t in many.axes[0].get_legend().get_texts()]
     assert legend.count("clients") == 1 and not any(t.startswith("client ") for t in legend)
+
+
+def test_local_only_table_reports_each_client_the_worst_and_a_size_weighted_mean():
+    from fedxray import history as hist
+    from fedxray.plots import local_only_table
+    rows = []
+    for client, (n, chosen, scores) in {"0": (10, 1, (0.6, 0.55)), "1": (30, 2, (0.5, 0.7)),
+                                        "2": (60, 1, (0.9, 0.8))}.items():
+        rows.append(hist.row(1, "train", client, "num_examples", n))
+        for r, s in zip((1, 2), scores):
+            rows += [hist.row(r, "val", client, "mean_auroc", s), hist.row(r, "test", client, "mean_auroc", s - 0.05),
+                     hist.row(r, "test", client, "mean_auprc", s / 2)]
+        rows.append(hist.row(2, "val", client, "selected_round", chosen))
+    table = local_only_table(hist.frame(rows))
+    # Each client at its own selected round: 0 -> round 1 (0.55), 1 -> round 2 (0.65), 2 -> round 1 (0.85).
+    assert table.loc[["client 0", "client 1", "client 2"], "round"].tolist() == [1, 2, 1]
+    np.testing.assert_allclose(table.loc[["client 0", "client 1", "client 2"], "test mean AUROC"], [0.55, 0.65, 0.85])
+    assert table.loc["mean", "test mean AUROC"] == pytest.approx((0.55 + 0.65 + 0.85) / 3)
+    assert table.loc["size-weighted mean", "test mean AUROC"] == pytest.approx((10 * .55 + 30 * .65 + 60 * .85) / 100)
+    assert table.loc["worst (client 0)", "test mean AUROC"] == pytest.approx(0.55)
+    assert table.loc["size-weighted mean", "images"] == 100

@@ -18,7 +18,9 @@ from ..checkpoint import (CHECKPOINT, CONFIG, HISTORY, RUN_INFO, CheckpointError
 from ..client import ClientUpdate, DivergenceError
 from ..config import Config
 from ..data import load_nih
-from ..federated import RUN_LOCK, checked_seconds, checked_state, evaluate, read_finished, restore_strategy
+from ..federated import (RUN_LOCK, checked_seconds, checked_state, evaluate, final_rows, read_finished,
+                          restore_selection, restore_strategy)
+from ..selection import BestRound
 from ..io import atomic_write_text, file_lock
 from ..parts import DataSource, RunParts, assemble
 from ..saved_model import FINISHED, finished, save_final
@@ -66,6 +68,7 @@ class ServerRun:
         self.round = 0
         self.seconds = 0.0                   # rounds' wall time, summed over restarts
         self.done = False                    # a finished run found in output_dir
+        self.best = BestRound(config.select_round)   # the round reported, tested and saved
         self.round_started = time.perf_counter()
         self.inputs = self.parts.inputs()    # the clients' image lists are added from the query
         self.trunk_digest = self.inputs["trunk"]
@@ -113,6 +116,7 @@ class ServerRun:
         self.seconds = checked_seconds(ckpt["extra"].get("seconds", 0.0), path)
         self.rows = ckpt["history"]
         self.round = ckpt["round"]
+        restore_selection(self.best, ckpt, path, self.global_state, {})
         restore_rng(ckpt)
         log.info("resuming %s after round %d of %d", self.output_dir, self.round, self.config.num_rounds)
 
@@ -150,6 +154,8 @@ class ServerRun:
             except DivergenceError:
                 self.strategy.load_state_dict(before, self.global_state)
                 raise
+        self.rows += final_rows(self.parts, self.best, self.round)
+        self.global_state = {k: self.best.global_state[k].to(v.device) for k, v in self.global_state.items()}
         self.save_final()
 
     def record_train(self, r: int, client_ids: list[int], updates: list[ClientUpdate],
@@ -169,7 +175,7 @@ class ServerRun:
         rows, self.pending_rows = self.pending_rows, []
         try:
             rows += evaluate(self.parts, state, server_round, "val")
-            if c.test_every_round or 0 < server_round == c.num_rounds:
+            if c.test_every_round:
                 rows += evaluate(self.parts, state, server_round, "test")
         except DivergenceError as e:
             raise DivergenceError(
@@ -180,6 +186,7 @@ class ServerRun:
         self.global_state = state
         self.round = server_round
         self.rows += rows
+        self.best.offer(server_round, rows, state, {})
         if server_round > 0:
             self.seconds += time.perf_counter() - self.round_started
         self.save_checkpoint()
@@ -196,7 +203,8 @@ class ServerRun:
         state in its extra)."""
         save_checkpoint(self.output_dir, self.round, self.global_state,
                         {k: {} for k in range(self.config.num_clients)}, self.rows, self.config, self.info,
-                        self.inputs, extra={"strategy": self.strategy.state_dict(), "seconds": float(self.seconds)})
+                        self.inputs, extra={"strategy": self.strategy.state_dict(), "seconds": float(self.seconds),
+                                                       "best": self.best.state_dict(self.round)})
 
     def save_final(self) -> None:
         """final_model.pt (fedxray.saved_model) in place of the checkpoint, as FederatedRun ends."""
