@@ -465,8 +465,9 @@ def test_every_strategy_on_flower_equals_the_in_process_run(name, folders, tiny_
 
 def test_a_scaffold_reply_with_a_nan_extra_is_dropped_and_the_rest_aggregated(folders, tmp_path, caplog):
     """SCAFFOLD, min-replies 1: in round 2 client 1's control-variate change holds a NaN. It is
-    refused and recorded; round 2 is the strategy's aggregate of client 0's reply alone."""
-    config = strategy_config("scaffold")
+    refused and recorded; round 2 is the strategy's aggregate of client 0's reply alone (the
+    last round is kept: with selection by validation the final state could be round 1's)."""
+    config = strategy_config("scaffold", select_round="last")
 
     def poison(r, node, reply):
         if r == 2 and node == 11:
@@ -543,10 +544,10 @@ def test_a_silent_client_stops_a_strict_run_keeping_the_last_checkpoint(folders,
 def test_min_replies_drops_silent_offline_and_refused_clients_and_records_them(folders, tmp_path):
     """3 clients, min-replies 2: round 1 client 2 sends a 1e30-scaled state (refused), round 2
     client 1 stays silent (no reply), round 3 client 1's SuperNode is gone (offline). Every round
-    is the fedavg of exactly the valid replies."""
+    is the fedavg of exactly the valid replies (the last round is kept, not the best-validation one)."""
     parts3 = fedxray.partition(pd.concat(folders["parts"]), 3, seed=0)
     sites = write_client_folders(parts3, tmp_path / "sites3")
-    config = Config(**{**TINY, "num_clients": 3, "num_rounds": 3})
+    config = Config(**{**TINY, "num_clients": 3, "num_rounds": 3, "select_round": "last"})
 
     def faults(r, node, reply):
         if r == 1 and node == 12:
