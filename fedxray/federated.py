@@ -363,7 +363,10 @@ def run_local_only(config: Config, splits: dict[str, pd.DataFrame], output_dir: 
             run = FederatedRun(local_only(parts, k), output_dir / f"client_{k}", keep_model=keep_models,
                                trunk_dir=trunk_dir, name=f"local-only client {k}")
             h = run.run(resume=resume).history
-            h = hist.select(h).copy()
+            # The global model's rows (this client's model) and the client's training-set size (its
+            # weight in local_only_table's size-weighted mean).
+            size = (h["split"] == "train") & (h["metric"] == "num_examples")
+            h = h[(h["client"].astype(str) == hist.GLOBAL) | size].copy()
             h["client"] = str(k)
             frames.append(h)
         table = pd.concat(frames, ignore_index=True)

@@ -12,6 +12,7 @@ from fedxray.checkpoint import load_checkpoint
 from fedxray.saved_model import load_final
 from fedxray.federated import CHECKPOINT, FederatedRun, cap_splits, sample_clients
 from fedxray.parts import prepare
+from fedxray.plots import local_only_table
 
 from conftest import run_unfinished
 
@@ -136,6 +137,12 @@ def test_local_only_baseline_evaluates_each_client_on_the_same_test_set(tiny_spl
     infos = [json.loads((tmp_path / f"client_{k}" / "run_info.json").read_text()) for k in (0, 1)]
     assert infos[0]["test_examples"] == infos[1]["test_examples"] == len(tiny_splits["test"])
     assert sum(i["client_examples"][0] for i in infos) == len(tiny_splits["train"])
+    # Each client's training-set size is kept: the local-only table weighs the clients by it.
+    table = local_only_table(hist)
+    assert table.loc[["client 0", "client 1"], "images"].tolist() == [i["client_examples"][0] for i in infos]
+    test = table.loc[["client 0", "client 1"], "test mean AUROC"].to_numpy()
+    weights = [i["client_examples"][0] for i in infos]
+    assert table.loc["size-weighted mean", "test mean AUROC"] == pytest.approx(np.average(test, weights=weights))
 
 
 def test_fedbn_evaluates_each_clients_model(tiny_splits, tmp_path):
