@@ -10,7 +10,7 @@ from PIL import Image
 
 import fedxray
 from fedxray import demo
-from fedxray.data import LABELS, DataError, read_metadata, split_by_patient
+from fedxray.data import LABELS, DataError, parse_finding_labels, read_metadata, split_by_patient
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 NIH_CSV = SHARED / "nih-metadata" / "Data_Entry_2017.csv"
@@ -57,13 +57,14 @@ def test_load_nih_and_patient_split(small):
     assert set(parts["test"]["image"]) == test_names
     pats = [set(parts[k]["patient_id"]) for k in ("train", "val", "test")]
     assert not (pats[0] & pats[1] or pats[0] & pats[2] or pats[1] & pats[2])
-    assert len(pats[2]) == round(0.2 * SMALL["num_patients"])
+    assert len(pats[2]) == round(demo.DemoParams.test_fraction * SMALL["num_patients"])
 
 
 def test_several_images_per_patient_and_both_views(small):
     meta = read_metadata(small / "Data_Entry_2017.csv")
     per_patient = meta.groupby("patient_id").size()
-    assert per_patient.max() > 1 and per_patient.min() >= 1 and per_patient.max() <= 8
+    assert per_patient.max() > 1 and per_patient.min() >= 1
+    assert per_patient.max() <= demo.DemoParams.max_follow_ups
     assert set(meta["view"]) == {"AP", "PA"}
 
 
@@ -153,11 +154,54 @@ def test_every_finding_in_default_size_dataset():
     # The metadata draw alone (no images): what make_demo_dataset() writes with the defaults.
     for seed in (0, 1):
         meta = demo._sample_patients(asdict(demo.DemoParams(seed=seed)))
-        labels = meta.attrs["combos"][meta["combo"].to_numpy()]
-        assert 1000 <= len(meta) <= 1500
-        assert (labels.sum(0) >= 40).all(), dict(zip(LABELS, labels.sum(0)))
-        assert (labels[meta["test"].to_numpy()].sum(0) >= 5).all()
+        labels = np.stack(meta["written"].to_numpy())
+        test = meta["test"].to_numpy()
+        assert 3000 <= len(meta) <= 3600 and 1900 <= test.sum() <= 2300
+        assert meta.loc[~test, "patient_id"].nunique() == 492                # the same training size
+        assert (labels[~test].sum(0) >= 40).all(), dict(zip(LABELS, labels[~test].sum(0)))
+        # Enough test positives for a bootstrap interval of the mean AUROC of about +-0.02.
+        assert (labels[test].sum(0) >= 60).all(), dict(zip(LABELS, labels[test].sum(0)))
         assert 0.3 < (meta["view"] == "AP").mean() < 0.5
+
+
+def test_csv_labels_are_the_drawn_ones_with_a_little_noise():
+    params = demo.DemoParams()
+    meta = demo._sample_patients(asdict(params))
+    drawn = meta.attrs["combos"][meta["combo"].to_numpy()].astype(bool)
+    written = np.stack(meta["written"].to_numpy()).astype(bool)
+    missed = (drawn & ~written).sum() / drawn.sum()
+    spurious = (written & ~drawn).sum() / (~drawn).sum()
+    assert 0.5 * params.missed_labels < missed < 1.5 * params.missed_labels
+    assert 0 < spurious < 2 * params.spurious_labels
+    text = meta["finding_labels"].str.split("|")
+    assert all(names == sorted(names) for names in text)                 # NIH's order
+    assert (parse_finding_labels(meta["finding_labels"]) == written).all()
+
+
+def test_follow_ups_keep_their_findings():
+    params = demo.DemoParams()
+    meta = demo._sample_patients(asdict(params))
+    combos = meta.attrs["combos"]
+    same_patient = (meta["patient_id"].to_numpy()[1:] == meta["patient_id"].to_numpy()[:-1])
+    before, after = meta["combo"].to_numpy()[:-1][same_patient], meta["combo"].to_numpy()[1:][same_patient]
+    kept = before == after
+    assert abs(kept.mean() - params.persistence) < 0.05
+    # A change is one finding appearing or resolving.
+    assert ((combos[before[~kept]] != combos[after[~kept]]).sum(1) == 1).all()
+
+
+def test_follow_ups_share_the_patients_background_and_findings():
+    # Two images of one patient differ far less than two patients with the same findings do (the
+    # rest is per-image jitter, quantum noise and the fine lung texture, drawn per image).
+    labels = np.zeros(len(LABELS), np.uint8)
+    labels[LABELS.index("Mass")] = 1
+
+    def image(patient: int, follow_up: int) -> np.ndarray:
+        anatomy = demo._Anatomy.draw(demo._stream(0, 2, patient, 0))   # as make_demo_dataset draws it
+        return demo._render_image(labels, "PA", anatomy, 0, patient, follow_up, 64).astype(float)
+    same = np.abs(image(5, 0) - image(5, 1)).mean()
+    other = np.abs(image(5, 0) - image(6, 0)).mean()
+    assert same < 0.5 * other, (same, other)
 
 
 def test_every_finding_changes_the_image():
@@ -166,7 +210,8 @@ def test_every_finding_changes_the_image():
     base = ex["No Finding"].astype(int)
     for name in LABELS:
         assert ex[name].shape == (64, 64) and ex[name].dtype == np.uint8
-        assert np.abs(ex[name].astype(int) - base).max() > 40, name
+        # Signatures are local structure, some of it faint at 64 px (Pneumonia: 38 gray levels).
+        assert np.abs(ex[name].astype(int) - base).max() > 30, name
 
 
 def test_shipped_label_stats_are_sane():
@@ -204,3 +249,42 @@ def test_smallest_demo_has_a_test_patient_and_splits(tmp_path):
     out = fedxray.make_demo_dataset(tmp_path / "d", num_patients=2, image_size=48, progress=False)
     splits = fedxray.split_by_patient(fedxray.load_nih(out), val_fraction=0.0)
     assert splits["test"]["patient_id"].nunique() == 1 and len(splits["train"]) > 0
+
+
+@pytest.fixture(scope="module")
+def default_demo(tmp_path_factory) -> Path:
+    # The default demo (~3,200 images): about 15 s on 2 cores.
+    return fedxray.make_demo_dataset(tmp_path_factory.mktemp("demo") / "data", progress=False)
+
+
+def test_a_linear_model_on_pixels_reads_little(default_demo):
+    # The demo must tell methods apart: raw pixels + logistic regression stays far below what the
+    # notebook's network reaches. Measured: 0.643 (FedAvg on a random frozen trunk: 0.784).
+    table = demo.linear_probe(default_demo)
+    assert list(table.index) == [*LABELS, "mean"]
+    assert (table.loc[list(LABELS), "test_positives"] >= 60).all()
+    assert table.loc["mean", "auroc"] <= 0.70, table
+
+
+def test_no_single_pixel_reads_a_finding(default_demo):
+    # Measured on train (seed 0): 0.82 Cardiomegaly (an enlarged heart is brightness where lung
+    # would be), 0.81 Emphysema (flatter domes), 0.79 or less for every other finding; the first
+    # demo's best pixel scored 0.999 for Hernia and 1.000 for Emphysema.
+    best = demo.single_pixel_auroc(default_demo)
+    assert list(best.index) == list(LABELS)
+    assert (best < 0.85).all(), best
+
+
+def test_single_pixel_auroc_is_the_best_pixels_auroc_by_scikit_learn(tmp_path):
+    from sklearn.metrics import roc_auc_score
+    from fedxray.data import label_matrix
+    data = fedxray.make_demo_dataset(tmp_path / "d", num_patients=40, image_size=48, progress=False)
+    train = split_by_patient(fedxray.load_nih(data), val_fraction=0.1, seed=0)["train"]
+    pixels, y = demo._pixels(train, 8), label_matrix(train)
+    best = demo.single_pixel_auroc(data, size=8)
+    for j, name in enumerate(LABELS):
+        if 0 < y[:, j].sum() < len(y):
+            aucs = [roc_auc_score(y[:, j], pixels[:, i]) for i in range(pixels.shape[1])]
+            assert best[name] == pytest.approx(max(max(aucs), 1 - min(aucs)), abs=1e-12), name
+        else:
+            assert np.isnan(best[name])
