@@ -186,13 +186,20 @@ def plot_mean_auroc(histories: Mapping[str, pd.DataFrame], title: str = "Mean AU
     """Mean AUROC over findings per round, validation (dashed) and test (solid), one colour per run.
 
     A history with no global rows (the local-only baseline) is drawn as the mean over its clients,
-    with a band from the lowest to the highest client."""
+    with a band from the lowest to the highest client; where its clients were scored at different
+    rounds (test scored once, each client at its own reported round) as one point per client, since
+    no round has a mean over all of them. Test scored once is a single, larger point."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for color, (name, h) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], histories.items()):
         per_client = not (h["client"].astype(str) == GLOBAL).any()
         for split, style in (("val", "--"), ("test", "-")):
-            if per_client:
+            rows = select(h, split, "mean_auroc", client=None)
+            clients = rows["client"].astype(str).nunique()
+            if per_client and len(rows) and (rows.groupby("round")["client"].nunique() < clients).any():
+                ax.plot(rows["round"], rows["value"], linestyle="none", color=color, marker="o", ms=5,
+                        label=f"{name} ({split}; each of {clients} clients at its own round)")
+            elif per_client:
                 g = _client_spread(h, split, "mean_auroc")
                 if len(g):
                     ax.fill_between(g["round"], g["min"], g["max"], color=color, alpha=0.15, lw=0)
@@ -201,7 +208,8 @@ def plot_mean_auroc(histories: Mapping[str, pd.DataFrame], title: str = "Mean AU
             else:
                 g = select(h, split, "mean_auroc")
                 if len(g):
-                    ax.plot(g["round"], g["value"], style, color=color, marker="o", ms=3, label=f"{name} ({split})")
+                    ax.plot(g["round"], g["value"], style, color=color, marker="o", ms=3 if len(g) > 1 else 6,
+                            label=f"{name} ({split})")
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     return _per_round_axes(fig, ax, "mean AUROC over findings", title)
 

@@ -145,6 +145,23 @@ def test_mean_auroc_draws_the_local_only_mean_and_min_max_band(client_dtype):
             assert ys.min() == pytest.approx(oracle.min()[r]) and ys.max() == pytest.approx(oracle.max()[r])
 
 
+def test_local_only_test_scored_once_per_client_is_drawn_as_points_not_a_mean():
+    # Test scored once, each client at its own reported round: no round holds all clients, so a
+    # "mean of 4" line would join single clients' scores (it did); each client is a point instead.
+    local = _local_only(rounds=3)
+    test = (local.split == "test") & (local.metric == "mean_auroc")
+    own_round = {"0": 1, "1": 3, "2": 2, "3": 3}
+    local = local[~test | (local["round"] == local["client"].map(own_round))]
+    fig = plots.plot_mean_auroc({"local-only": local})
+    lines = {l.get_label(): l for l in fig.axes[0].get_lines()}
+    assert "local-only (test; mean of 4, band: min–max)" not in lines
+    points = lines["local-only (test; each of 4 clients at its own round)"]
+    assert points.get_linestyle() == "None"
+    kept = local[(local.split == "test") & (local.metric == "mean_auroc")]
+    assert sorted(zip(points.get_xdata(), points.get_ydata())) == sorted(zip(kept["round"], kept["value"]))
+    assert "local-only (val; mean of 4, band: min–max)" in lines              # every round: still a mean
+
+
 def test_loss_curves_show_each_client_clearly_and_legend_them():
     fig = plots.plot_loss_curves(_history(rounds=3, clients=("0", "1", "2")))
     lines = {l.get_label(): l for l in fig.axes[0].get_lines()}
