@@ -10,6 +10,7 @@ from conftest import ROOT
 from fedxray import config as fedxray_config
 
 NOTEBOOK = ROOT / "notebooks" / "federated_chestxray.ipynb"
+FEDAVG_TARGET = 0.80   # the issue's target for the demo's FedAvg (README, "What the demo run shows")
 FIGURES = ("prevalence", "partition_heatmap", "loss_curves", "mean_auroc", "auroc_per_finding",
            "strategies_val_auroc", "strategies_test_auroc")
 
@@ -129,19 +130,44 @@ def test_notebook_runs_tweaked_and_again_on_demo_data(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_defaults_reach_the_promised_auroc(tmp_path):
-    """The README's promise: the notebook's defaults on the demo data, from random weights (no
-    internet, no ImageNet weights), reach a test mean AUROC of at least 0.75."""
+def test_the_demo_tells_methods_apart(tmp_path):
+    """The README's demo targets, with the notebook's defaults from random weights (no internet, no
+    ImageNet weights), every method at its best-validation round, synthetic data: a linear model on
+    raw pixels stays at 0.70 or below; FedAvg reaches FEDAVG_TARGET and 0.10 above the probe;
+    centralized is at least as good; under dirichlet alpha 0.1 the local-only mean over the 5
+    clients is at least 0.05 below that partition's FedAvg."""
     import fedxray
     from fedxray import Config
+    from fedxray.parts import prepare
+    from fedxray.plots import local_only_table
+    from fedxray.selection import reported_round
+
+    def score(history) -> float:
+        test = history[(history.split == "test") & (history.metric == "mean_auroc") & (history.client == "global")]
+        return test[test["round"] == reported_round(history)]["value"].item()
 
     data = fedxray.make_demo_dataset(ROOT / "data" / "demo", seed=0, progress=False)
     splits = fedxray.split_by_patient(fedxray.load_nih(data), val_fraction=0.1, seed=0)
-    config = Config.for_dataset("demo", weights=None, progress=False, cache_dir=str(tmp_path / "cache"))
-    assert config.num_rounds == 5 and config.image_size == 64 and config.feature_cache
-    history = fedxray.run_federated(config, splits, tmp_path / "run").history
-    final = history[(history.split == "test") & (history.metric == "mean_auroc") & (history["round"] == 5)]
-    assert final["value"].item() >= 0.75
+    probe = fedxray.demo.linear_probe(data).loc["mean", "auroc"]
+    scores = {}
+    for partition, alpha in (("iid", 0.5), ("dirichlet", 0.1)):
+        config = Config.for_dataset("demo", weights=None, progress=False, cache_dir=str(tmp_path / "cache"),
+                                    partition=partition, alpha=alpha)
+        assert config.num_rounds == 10 and config.image_size == 64 and config.feature_cache
+        parts = prepare(config, splits)
+        out = tmp_path / partition
+        scores[partition, "fedavg"] = score(fedxray.run_federated(config, splits, out / "fedavg", parts=parts).history)
+        if partition == "iid":
+            scores[partition, "centralized"] = score(
+                fedxray.run_centralized(config, splits, out / "centralized", parts=parts).history)
+        else:
+            local = local_only_table(fedxray.run_local_only(config, splits, out / "local", parts=parts))
+            scores[partition, "local-only"] = local.loc["mean", "test mean AUROC"]
+    report = {"probe": probe, **{f"{p} {m}": v for (p, m), v in scores.items()}}
+    assert probe <= 0.70, report
+    assert scores["iid", "fedavg"] >= max(FEDAVG_TARGET, probe + 0.10), report
+    assert scores["iid", "centralized"] >= scores["iid", "fedavg"], report
+    assert scores["dirichlet", "local-only"] <= scores["dirichlet", "fedavg"] - 0.05, report
 
 
 def test_for_dataset_fills_only_none_defaults():
