@@ -196,8 +196,10 @@ class RunParts:
         starts from the model as built, not as the last run left it."""
         self.model.load_state_dict(self.initial, strict=False)
         strategy = strategy_for(config, self.model)
-        # pos_weight from the clients' label counts (what each would report), the same for all of them.
-        weight = pos_weight_from_counts(label_counts(f) for f in client_frames) if config.pos_weight else None
+        # pos_weight from the clients' label counts (what each would report), the same for all of them;
+        # none for the Flower server's parts, which hold no clients (it gathers the counts by query).
+        weight = (pos_weight_from_counts(label_counts(f) for f in client_frames)
+                  if config.pos_weight and client_frames else None)
         clients = [Client.from_config(k, self.source.dataset(f), self.model, config, self.device, strategy.objective,
                                       pos_weight=weight)
                    for k, f in enumerate(client_frames)]

@@ -206,8 +206,6 @@ def test_server_refuses_what_the_flower_app_cannot_do(tiny_splits, tmp_path):
         ServerRun(Config(**TINY, bn_policy="local"), val, val, tmp_path / "out")
     with pytest.raises(ValueError, match="max_images"):
         ServerRun(Config(**TINY, max_images=10), val, val, tmp_path / "out")
-    with pytest.raises(ValueError, match="pos_weight=true"):
-        ServerRun(Config(**TINY, pos_weight=True), val, val, tmp_path / "out")
 
 
 # ----------------------------------------------------------------------------- a real federation

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -328,17 +329,52 @@ def test_a_client_accepts_exactly_the_payload_its_strategy_expects():
         check_train_message(message, own, client_id=1)
 
 
+NONE = [0] * 14   # a site's positives per finding: none
+
+
 def test_query_replies_are_checked():
     digest = "0f" * 32
-    assert check_query_reply(query_reply(1, 30, digest), 11, 2).client_id == 1
+    assert check_query_reply(query_reply(1, 30, digest, NONE), 11, 2).client_id == 1
     with pytest.raises(MessageError, match=r"SuperNode 11 says it is client 2, but num_clients=2"):
-        check_query_reply(query_reply(2, 30, digest), 11, 2)
+        check_query_reply(query_reply(2, 30, digest, NONE), 11, 2)
     with pytest.raises(MessageError, match=r"client 1 \(node 11\): 'num-examples' is 0"):
-        check_query_reply(query_reply(1, 0, digest), 11, 2)
+        check_query_reply(query_reply(1, 0, digest, NONE), 11, 2)
     with pytest.raises(MessageError, match=r"'image-list-digest' is 'nope'"):
-        check_query_reply(query_reply(1, 3, "nope"), 11, 2)
+        check_query_reply(query_reply(1, 3, "nope", NONE), 11, 2)
     with pytest.raises(MessageError, match=r"holds records \['metrics'\]"):
-        check_query_reply(RecordDict({"metrics": query_reply(1, 3, digest)["metrics"]}), 11, 2)
+        check_query_reply(RecordDict({"metrics": query_reply(1, 3, digest, NONE)["metrics"]}), 11, 2)
+
+
+def test_a_sites_label_counts_are_checked_against_its_examples():
+    # pos_weight is computed from these counts: one site claiming more positives than images (or a
+    # negative count) would skew every site's loss.
+    digest = "0f" * 32
+    counts = list(range(14))
+    assert check_query_reply(query_reply(1, 30, digest, counts), 11, 2).positives == tuple(counts)
+    for bad, match in (([0] * 13, r"'label-counts' is .*expected a list of 14 counts"),
+                       ([0] * 13 + [31], r"'label-counts\[Hernia\]' is 31, expected an integer >= 0 and <= 30"),
+                       ([-1] + [0] * 13, r"'label-counts\[Atelectasis\]' is -1, expected an integer >= 0")):
+        with pytest.raises(MessageError, match=r"client 1 \(node 11\): " + match):
+            check_query_reply(query_reply(1, 30, digest, bad), 11, 2)
+    old = query_reply(1, 30, digest, NONE)
+    del old["metrics"]["label-counts"]                        # a site of an older fedxray
+    with pytest.raises(MessageError, match=r"record 'metrics' holds \['client-id', 'num-examples'\], expected"):
+        check_query_reply(old, 11, 2)
+
+
+def test_a_client_takes_pos_weight_from_the_server_exactly_when_its_run_config_says_so():
+    own = _sent()
+    weights = [float(k + 1) for k in range(14)]
+    got = check_train_message(_train_message(own, **{"pos-weight": weights}), own, client_id=1, pos_weight=True)
+    assert got.pos_weight.tolist() == weights
+    assert check_train_message(_train_message(own), own, client_id=1).pos_weight is None
+    with pytest.raises(MessageError, match=r"lacks 'pos-weight', but this site's run config says pos-weight=true"):
+        check_train_message(_train_message(own), own, client_id=1, pos_weight=True)
+    with pytest.raises(MessageError, match=r"holds 'pos-weight', but this site's run config says pos-weight=false"):
+        check_train_message(_train_message(own, **{"pos-weight": weights}), own, client_id=1)
+    for bad in (weights[:13], [float("nan")] + weights[1:], [0.0] + weights[1:], [-1.0] + weights[1:]):
+        with pytest.raises(MessageError, match=r"'pos-weight' is .*expected 14 finite positive weights"):
+            check_train_message(_train_message(own, **{"pos-weight": bad}), own, client_id=1, pos_weight=True)
 
 
 # ----------------------------------------------------------------------------- a federation in process
@@ -359,6 +395,7 @@ class FakeGrid:
         self.round = 0
         self.replies: dict[tuple[int, int], Message] = {}   # (round, client) -> reply as sent
         self.payloads: dict[tuple[int, int], set] = {}      # (round, client) -> payload names sent
+        self.configs: dict[tuple[int, int], dict] = {}      # (round, client) -> config record sent
 
     def get_node_ids(self):
         return sorted(self.online)
@@ -372,6 +409,7 @@ class FakeGrid:
                 self.round = int(msg.content["config"]["server-round"])
                 payload = msg.content["payload"].keys() if "payload" in msg.content else ()
                 self.payloads[(self.round, self.online.get(node, -1))] = set(payload)
+                self.configs[(self.round, self.online.get(node, -1))] = dict(msg.content["config"])
             reply = self._answer(msg, node) if node in self.online else None
             if reply is not None and self.faults is not None and msg.metadata.message_type == "train":
                 reply = self.faults(self.round, node, reply)
@@ -461,6 +499,21 @@ def test_every_strategy_on_flower_equals_the_in_process_run(name, folders, tiny_
         content = grid.replies[(r, k)].content
         assert keys == expected, (r, k)
         assert (set(content["extra"].keys()) if "extra" in content else set()) == expected, (r, k)
+
+
+def test_pos_weight_on_flower_equals_the_in_process_run(folders, tiny_splits, tmp_path):
+    """pos_weight from the label counts the sites report at the query (counts, never images) gives
+    the same weights, history and model as fedxray.run_federated, which counts the same tables."""
+    config = Config(**{**TINY, "pos_weight": True})
+    grid = FakeGrid(folders["sites"], run_config_from_config(config))
+    _serve(config, folders, tmp_path / "flower", grid)
+    sim = run_federated(config, tiny_splits, tmp_path / "sim", client_frames=folders["parts"])
+    compare_with_in_process(tmp_path / "flower", tmp_path / "sim", sim.model, rounds=config.num_rounds)
+    pooled = pd.concat(folders["parts"])[list(fedxray.LABELS)].to_numpy()
+    oracle = (len(pooled) - pooled.sum(0)) / np.maximum(pooled.sum(0), 1)
+    sent = grid.configs[(1, 0)]["pos-weight"]
+    assert sent == pytest.approx(np.where(pooled.sum(0) > 0, oracle, 1.0).tolist())
+    assert all(grid.configs[key]["pos-weight"] == sent for key in grid.configs)
 
 
 def test_a_scaffold_reply_with_a_nan_extra_is_dropped_and_the_rest_aggregated(folders, tmp_path, caplog):
@@ -820,8 +873,8 @@ def test_a_query_claiming_more_examples_than_any_hospital_holds_is_refused():
     for n in (2**31, 10**12, 2**64 - 1):
         with pytest.raises(MessageError, match=r"client 1 \(node 11\): 'num-examples' is \d+, expected an "
                                                r"integer >= 1 and <= 2,147,483,647"):
-            check_query_reply(query_reply(1, n, digest), 11, 2)
-    assert check_query_reply(query_reply(1, 2**31 - 1, digest), 11, 2).num_examples == 2**31 - 1
+            check_query_reply(query_reply(1, n, digest, NONE), 11, 2)
+    assert check_query_reply(query_reply(1, 2**31 - 1, digest, NONE), 11, 2).num_examples == 2**31 - 1
 
 
 def test_two_clients_with_the_same_data_cannot_start_a_run():
@@ -831,7 +884,7 @@ def test_two_clients_with_the_same_data_cannot_start_a_run():
         def get_node_ids(self):
             return [10, 11]
     strategy = FedXrayStrategy(Config(num_clients=2), make_strategy("fedavg", num_clients=2))
-    strategy._query = lambda grid, nodes: {10: QueryAnswer(0, 30, "ab" * 32), 11: QueryAnswer(1, 30, "ab" * 32)}
+    strategy._query = lambda grid, nodes: {10: QueryAnswer(0, 30, "ab" * 32, tuple(NONE)), 11: QueryAnswer(1, 30, "ab" * 32, tuple(NONE))}
     with pytest.raises(ValueError, match=r"clients \[0, 1\] hold the same images and labels"):
         strategy.connect(Grid())
 

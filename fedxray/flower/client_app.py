@@ -26,7 +26,8 @@ from flwr.clientapp import ClientApp
 from ..checkpoint import image_list_digest
 from ..client import Client
 from ..config import Config
-from ..data import DataError, load_nih
+from ..data import LABELS, DataError, load_nih
+from ..objectives import label_counts
 from ..parts import DataSource, model_for, strategy_for
 from .records import check_train_message, check_trunk, query_reply, train_reply
 from .runconfig import (CACHE_DIR, NodeSettings, check_supported, config_from_run_config, log_to_flower,
@@ -86,7 +87,10 @@ def load_site(config: Config, node: NodeSettings) -> Site:
     # On disk, so the next message's process reads the features instead of running the trunk again.
     source.compute_features(model, [frame], device, c.resolve_amp(device), placement="disk")
     strategy = strategy_for(c, model)   # stateless here: only its objective and the payload's form
-    client = Client.from_config(node.client_id, source.dataset(frame), model, c, device, strategy.objective)
+    # With pos_weight, every train message carries the federation's weights (checked), which replace
+    # these before each fit; the site never computes its own.
+    client = Client.from_config(node.client_id, source.dataset(frame), model, c, device, strategy.objective,
+                                pos_weight=torch.ones(len(LABELS)) if c.pos_weight else None)
     own = model.state_dict()
     payload = strategy.payload(node.client_id, {k: own[k].detach().cpu() for k in client.keys})
     site = Site(frame, client, image_list_digest(frame), {k: v.detach().cpu() for k, v in payload.items()})
@@ -100,11 +104,13 @@ app = ClientApp()
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Which client this node is, how many usable examples it holds, and their image-list digest."""
+    """Which client this node is, how many usable examples it holds, its positives per finding, and
+    their image-list digest."""
     log_to_flower()
     node = node_settings(context.node_config)
     frame, _ = site_data(config_from_run_config(context.run_config), node)
-    return Message(query_reply(node.client_id, len(frame), image_list_digest(frame)), reply_to=msg)
+    n, positives = label_counts(frame)   # counts, never images: for the federation's pos_weight
+    return Message(query_reply(node.client_id, n, image_list_digest(frame), positives.tolist()), reply_to=msg)
 
 
 @app.train()
@@ -119,7 +125,10 @@ def train(msg: Message, context: Context) -> Message:
     setup = time.perf_counter() - start
     client = site.client
     own = client.model.state_dict()
-    sent = check_train_message(msg.content, {k: own[k] for k in client.keys}, node.client_id, site.payload)
+    sent = check_train_message(msg.content, {k: own[k] for k in client.keys}, node.client_id, site.payload,
+                               pos_weight=config.pos_weight)
+    if sent.pos_weight is not None:
+        client.pos_weight = sent.pos_weight
     check_trunk(client.model, sent.trunk_digest, node.client_id)
     start = time.perf_counter()
     update = client.fit(sent.state, round_num=sent.server_round, payload=sent.payload)

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+import torch
 from torch import Tensor, nn
 
 from ..client import DIVERGED_LOSS, ClientUpdate
+from ..data import LABELS
 from ..model import state_problems, trunk_digest
 
 # Record keys. "num-examples" is also what Flower's FedAvg weights by (its weighted_by_key).
@@ -28,6 +30,9 @@ PAYLOAD, EXTRA = "payload", "extra"   # the strategy's tensors: server -> client
 NUM_EXAMPLES, TRAIN_LOSS, CLIENT_ID = "num-examples", "train_loss", "client-id"
 SERVER_ROUND, TRUNK_DIGEST = "server-round", "trunk-digest"
 IMAGE_LIST_DIGEST = "image-list-digest"   # fedxray.checkpoint.image_list_digest of a client's data
+# A client's positives per finding (LABELS order), reported at the query: counts, never images; and
+# the federation's BCE pos_weight the server computes from them and sends with every train message.
+LABEL_COUNTS, POS_WEIGHT = "label-counts", "pos-weight"
 
 # The bound that tells a training update from an absurd one. One round may move an exchanged
 # float entry u away from the state g the server sent by at most
@@ -87,10 +92,12 @@ def train_reply(update: ClientUpdate, client_id: int, image_digest: str) -> Reco
     return content
 
 
-def query_reply(client_id: int, num_examples: int, image_digest: str) -> RecordDict:
-    """A client's answer to the server's query: who it is, how many usable examples it holds and
-    the digest of its image list (names and labels; never the list itself)."""
-    return RecordDict({METRICS: MetricRecord({CLIENT_ID: int(client_id), NUM_EXAMPLES: int(num_examples)}),
+def query_reply(client_id: int, num_examples: int, image_digest: str, positives) -> RecordDict:
+    """A client's answer to the server's query: who it is, how many usable examples it holds, its
+    positives per finding (for the federation's pos_weight) and the digest of its image list (names
+    and labels; never the list itself)."""
+    return RecordDict({METRICS: MetricRecord({CLIENT_ID: int(client_id), NUM_EXAMPLES: int(num_examples),
+                                              LABEL_COUNTS: [int(p) for p in positives]}),
                        CONFIG: ConfigRecord({IMAGE_LIST_DIGEST: str(image_digest)})})
 
 
@@ -168,6 +175,7 @@ class QueryAnswer:
     client_id: int
     num_examples: int        # usable examples (the image cache leaves undecodable images out)
     image_list_digest: str   # fedxray.checkpoint.image_list_digest of those examples
+    positives: tuple[int, ...] = ()   # positives per finding among them (LABELS order)
 
 
 def check_query_reply(content: RecordDict, node_id: int, num_clients: int) -> QueryAnswer:
@@ -175,7 +183,7 @@ def check_query_reply(content: RecordDict, node_id: int, num_clients: int) -> Qu
     who = f"SuperNode {node_id}"
     remedy = _SAME_VERSION
     _records(content, {METRICS: MetricRecord, CONFIG: ConfigRecord}, who, remedy)
-    _keys(content[METRICS], METRICS, {CLIENT_ID, NUM_EXAMPLES}, who, remedy)
+    _keys(content[METRICS], METRICS, {CLIENT_ID, NUM_EXAMPLES, LABEL_COUNTS}, who, remedy)
     _keys(content[CONFIG], CONFIG, {IMAGE_LIST_DIGEST}, who, remedy)
     cid = _int(content[METRICS][CLIENT_ID], CLIENT_ID, who, "fix its --node-config client-id", 0)
     if cid >= num_clients:
@@ -185,7 +193,13 @@ def check_query_reply(content: RecordDict, node_id: int, num_clients: int) -> Qu
     n = _int(content[METRICS][NUM_EXAMPLES], NUM_EXAMPLES, who, "a count of usable images that its data folder "
              "can hold", 1, MAX_EXAMPLES)
     digest = _digest(content[CONFIG][IMAGE_LIST_DIGEST], IMAGE_LIST_DIGEST, who, remedy)
-    return QueryAnswer(cid, n, digest)
+    counts = content[METRICS][LABEL_COUNTS]
+    if not isinstance(counts, list) or len(counts) != len(LABELS):
+        raise MessageError(f"{who}: {LABEL_COUNTS!r} is {str(counts)[:80]!r}, expected a list of {len(LABELS)} "
+                           f"counts (positives per finding); {remedy}")
+    positives = tuple(_int(p, f"{LABEL_COUNTS}[{LABELS[j]}]", who, f"a client has 0..{n} positives of a finding "
+                           f"among its {n} examples; {remedy}", 0, n) for j, p in enumerate(counts))
+    return QueryAnswer(cid, n, digest, positives)
 
 
 def check_train_reply(content: RecordDict, *, client_id: int, node_id: int, num_examples: int,
@@ -257,15 +271,18 @@ class TrainInstruction:
     server_round: int
     trunk_digest: str
     payload: dict[str, Tensor]   # the strategy's tensors for this client; empty for most strategies
+    pos_weight: Optional[Tensor] = None   # the federation's BCE pos_weight, when the run uses one
 
 
 def check_train_message(content: RecordDict, reference: Mapping[str, Tensor], client_id: int,
-                        payload_reference: Optional[Mapping[str, Tensor]] = None) -> TrainInstruction:
+                        payload_reference: Optional[Mapping[str, Tensor]] = None,
+                        pos_weight: bool = False) -> TrainInstruction:
     """What a client accepts from the server: the global state with the keys, shapes and dtypes of
     its own model's exchanged state (reference) and finite values, a server round >= 1, the
     server's trunk digest (required: without it the trunk check would be skipped), and a "payload"
     record exactly when its strategy sends one (payload_reference: the names, shapes and dtypes it
-    expects, e.g. SCAFFOLD's correction for each trainable exchanged parameter), finite."""
+    expects, e.g. SCAFFOLD's correction for each trainable exchanged parameter), finite; and, exactly
+    when the run uses pos_weight, one finite positive weight per finding."""
     who = f"client {client_id}: the server's train message"
     remedy = _SAME_VERSION
     payload_reference = dict(payload_reference or {})
@@ -296,7 +313,19 @@ def check_train_message(content: RecordDict, reference: Mapping[str, Tensor], cl
                                f"strategy state is corrupt (restart it from its last good checkpoint); wrong names, "
                                f"shapes or dtypes mean another strategy or model: {remedy}, with the same "
                                f"strategy; nothing was trained")
-    return TrainInstruction(state, r, digest, payload)
+    weight = None
+    if pos_weight != (POS_WEIGHT in config):
+        raise MessageError(f"{who} (round {r}) {'lacks' if pos_weight else 'holds'} {POS_WEIGHT!r}, but this site's "
+                           f"run config says pos-weight={str(pos_weight).lower()}: {remedy}, with the same run "
+                           f"config; nothing was trained")
+    if pos_weight:
+        values = config[POS_WEIGHT]
+        if not (isinstance(values, list) and len(values) == len(LABELS)
+                and all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in values)):
+            raise MessageError(f"{who} (round {r}): {POS_WEIGHT!r} is {str(values)[:120]!r}, expected {len(LABELS)} "
+                               f"finite positive weights (one per finding); {remedy}; nothing was trained")
+        weight = torch.tensor(values, dtype=torch.float32)
+    return TrainInstruction(state, r, digest, payload, weight)
 
 
 def check_trunk(model: nn.Module, expected: str, client_id: int) -> None:

@@ -92,9 +92,6 @@ def check_supported(config: Config) -> None:
     if config.max_images is not None:
         problems.append(f"max_images={config.max_images}: the folders define the data; cap the splits "
                         f"(fedxray.federated.cap_splits) before writing them and leave max-images \"\"")
-    if config.pos_weight:
-        problems.append("pos_weight=true: the server does not gather the sites' label counts yet; leave it "
-                        "false on Flower (fedxray.run_federated supports it)")
     if problems:
         raise ValueError("the Flower app does not support " + "; ".join(problems))
 

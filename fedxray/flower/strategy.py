@@ -20,8 +20,9 @@ from ..client import ClientUpdate
 from ..config import Config
 from ..federated import sample_clients
 from ..history import message_bytes
+from ..objectives import pos_weight_from_counts
 from ..strategies import Strategy
-from .records import (SERVER_ROUND, TRAIN_LOSS, MessageError, QueryAnswer, check_query_reply, check_train_reply,
+from .records import (POS_WEIGHT, SERVER_ROUND, TRAIN_LOSS, MessageError, QueryAnswer, check_query_reply, check_train_reply,
                       to_record, to_state, train_message)
 from .runconfig import FaultPolicy
 
@@ -96,6 +97,7 @@ class FedXrayStrategy(FlowerStrategy):
         self.node_of: dict[int, int] = {}           # client id -> node id
         self.client_examples: dict[int, int] = {}   # client id -> usable examples it holds
         self.client_digests: dict[int, str] = {}    # client id -> digest of its image list
+        self.pos_weight: Optional[list[float]] = None   # the federation's, from the clients' label counts
         self.ignored_nodes: set[int] = set()        # nodes whose answers were refused
         self.chosen: list[int] = []                 # the round's sampled clients
         self.sent: dict = {}                        # the global state sent this round
@@ -143,6 +145,11 @@ class FedXrayStrategy(FlowerStrategy):
         self.client_examples = {c: answers[n].num_examples for c, n in self.node_of.items()}
         self.client_digests = {c: answers[n].image_list_digest for c, n in self.node_of.items()}
         log.info("clients on nodes: %s; usable examples: %s", self.node_of, self.client_examples)
+        if self.config.pos_weight:   # from the counts each client reported: never from images
+            weight = pos_weight_from_counts((answers[n].num_examples, answers[n].positives)
+                                            for _, n in sorted(self.node_of.items()))
+            self.pos_weight = [float(w) for w in weight]
+            log.info("pos_weight from the clients' label counts: %s", [round(w, 2) for w in self.pos_weight])
         return self.node_of
 
     def refresh(self, grid: Grid) -> set[int]:
@@ -226,6 +233,8 @@ class FedXrayStrategy(FlowerStrategy):
         targets = [k for k in self.chosen if self.node_of[k] in online]
         log.info("round %d: training clients %s", server_round, targets)
         config[SERVER_ROUND] = server_round
+        if self.pos_weight is not None:
+            config[POS_WEIGHT] = self.pos_weight
         self.payloads = {k: self.strategy.payload(k, self.sent) for k in targets}
         self.sent_bytes = {k: message_bytes(self.sent, self.payloads[k]) for k in targets}
         return [Message(content=train_message(arrays, config, self.payloads[k]), dst_node_id=self.node_of[k],
