@@ -177,7 +177,8 @@ def test_client_app_replies_with_exactly_the_exchanged_keys(tiny_splits, tmp_pat
                   state=RecordDict(), run_config=run_config_from_config(config))
     answer = client_app.app(_message(RecordDict(), "query"), ctx)
     frame = fedxray.load_nih(dirs[1])
-    assert dict(answer.content["metrics"]) == {"client-id": 1, "num-examples": len(frame)}
+    assert dict(answer.content["metrics"]) == {"client-id": 1, "num-examples": len(frame),
+                                               "label-counts": frame[list(fedxray.LABELS)].sum().tolist()}
     assert dict(answer.content["config"]) == {"image-list-digest": image_list_digest(frame)}
 
     torch.manual_seed(config.seed)

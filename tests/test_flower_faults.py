@@ -732,7 +732,8 @@ def test_site_caches_are_built_once_and_reused_by_the_next_process(folders, tmp_
     answer = client_app.app(_query_message(), ctx)
     frame = fedxray.load_nih(site)
     usable = frame[frame["image"] != bad.name]
-    assert dict(answer.content["metrics"]) == {"client-id": 0, "num-examples": len(usable)}
+    assert dict(answer.content["metrics"]) == {"client-id": 0, "num-examples": len(usable),   # counts of usable ones
+                                               "label-counts": usable[list(fedxray.LABELS)].sum().tolist()}
     assert answer.content["config"]["image-list-digest"] == image_list_digest(usable)
     assert (site / ".fedxray_cache").is_dir()
 
