@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor, nn
 
 from ..client import DIVERGED_LOSS, ClientUpdate

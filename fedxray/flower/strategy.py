@@ -22,8 +22,8 @@ from ..federated import sample_clients
 from ..history import message_bytes
 from ..objectives import pos_weight_from_counts
 from ..strategies import Strategy
-from .records import (POS_WEIGHT, SERVER_ROUND, TRAIN_LOSS, MessageError, QueryAnswer, check_query_reply, check_train_reply,
-                      to_record, to_state, train_message)
+from .records import (POS_WEIGHT, SERVER_ROUND, TRAIN_LOSS, MessageError, QueryAnswer, check_query_reply,
+                      check_train_reply, to_record, to_state, train_message)
 from .runconfig import FaultPolicy
 
 log = logging.getLogger(__name__)
