@@ -8,18 +8,21 @@ from typing import Callable, Mapping, Optional
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from .data import LABELS, DataError
 from .device import DivergenceError, autocast, batches, forward_of, is_feature_data, place_model, to_input
 from .model import bn_keys, exchanged_keys, get_state
+from .dpsgd import PatientDPSGD, PatientDPSpec, patient_codes, per_example_bce, poisson_patient_batches, steps_per_round
 from .objectives import Objective
+from .privacy import clipped_state, noise_for_epsilon
 
 
 # A mean BCE per finding this high means confidently wrong logits of about +-100 on average: no
 # model that is learning gets near it (an untrained head gives 0.69), only one whose weights ran away.
 DIVERGED_LOSS = 100.0
 _AUGMENT_STREAM = 0xA06   # keeps the augmentation draws apart from the batch order's
+_DP_NOISE_STREAM = 0xD7   # DP-SGD's noise
 
 
 class NonFiniteLossError(DivergenceError):
@@ -40,6 +43,8 @@ class ClientUpdate:
     # What the client's objective sends besides its state (SCAFFOLD: its new control variate,
     # keyed by parameter name); empty for most strategies.
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Per-patient DP-SGD (Config.dp "example"): the client's epsilon after this round; else None.
+    epsilon: Optional[float] = None
 
 
 def derive_seed(*parts: int) -> int:
@@ -94,7 +99,8 @@ class Client:
                  num_workers: int = 0, objective: Optional[Objective] = None,
                  augment: Optional[Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = None,
                  lr_schedule: str = "constant", num_rounds: Optional[int] = None,
-                 pos_weight: Optional[torch.Tensor] = None):
+                 pos_weight: Optional[torch.Tensor] = None, dp_sgd: Optional[PatientDPSpec] = None,
+                 clip_update: Optional[float] = None):
         if len(dataset) == 0:
             raise ValueError(f"client {client_id} has no training examples")
         self.client_id = int(client_id)
@@ -125,25 +131,50 @@ class Client:
             raise ValueError(f"client {client_id}: augmentation needs images, but its dataset holds cached trunk "
                              f"features (fixed outputs of the trunk): turn off feature_cache or augment")
         self.keys = exchanged_keys(model, bn_policy)
+        # Privacy: per-patient DP-SGD (dp_sgd), or the L2 bound of the update sent (clip_update, the
+        # client's part of client-level DP). Either way no training loss is reported.
+        if dp_sgd is not None and clip_update is not None:
+            raise ValueError(f"client {client_id}: dp_sgd and clip_update are the two DP modes: choose one")
+        if (dp_sgd is not None or clip_update is not None) and (bn_policy != "average" or bn_keys(model)):
+            raise ValueError(f"client {client_id}: differential privacy needs layer4's BatchNorm replaced "
+                             f"(fedxray.model.private_norm) and bn_policy 'average'")
+        self.dp_sgd, self.clip_update = dp_sgd, clip_update
+        self.dp_codes = patient_codes(dataset) if dp_sgd is not None else None
+        self.rounds_trained = 0   # rounds this client trained in, for its accountant
         # FedBN: this client's own layer4 BatchNorm state, starting from the model's initial one.
         self.local_state = get_state(model, bn_keys(model)) if bn_policy == "local" else {}
 
     @classmethod
     def from_config(cls, client_id: int, dataset: Dataset, model: nn.Module, config, device: torch.device,
-                    objective: Optional[Objective] = None, pos_weight: Optional[torch.Tensor] = None) -> "Client":
+                    objective: Optional[Objective] = None, pos_weight: Optional[torch.Tensor] = None,
+                    dp_delta: Optional[float] = None) -> "Client":
         """A Client with the local-training fields of a fedxray.Config and its strategy's objective;
-        pos_weight: the federation's (fedxray.objectives.pos_weight_from_counts), when config.pos_weight."""
+        pos_weight: the federation's (fedxray.objectives.pos_weight_from_counts), when config.pos_weight;
+        dp_delta: the run's delta for config.dp "example" (fedxray.privacy.default_delta of the
+        federation's patients, when config.dp_delta is None)."""
         c = config
         if c.pos_weight and pos_weight is None:
             raise ValueError(f"client {client_id}: config.pos_weight is on, but no pos_weight was given: compute "
                              f"it from the federation's label counts (fedxray.objectives.pos_weight_from_counts)")
+        dp_sgd = None
+        if c.dp == "example":
+            if dp_delta is None:
+                raise ValueError(f"client {client_id}: config.dp is 'example' but no dp_delta was given")
+            q, steps = steps_per_round(len(dataset), c.batch_size, c.local_epochs)
+            noise = c.dp_noise_multiplier
+            if noise is None:
+                noise = noise_for_epsilon(c.dp_target_epsilon, dp_delta, q, steps * c.num_rounds)
+            dp_sgd = PatientDPSpec(noise_multiplier=noise, clip_norm=c.dp_clip_norm, sample_rate=q,
+                                   steps_per_round=steps, delta=dp_delta)
         from .augment import Augmentation
         return cls(client_id, dataset, model, local_epochs=c.local_epochs, batch_size=c.batch_size, lr=c.lr,
                    optimizer=c.optimizer, momentum=c.momentum, weight_decay=c.weight_decay, seed=c.seed,
-                   bn_policy=c.bn_policy, device=device, amp_dtype=c.resolve_amp(device),
+                   bn_policy=c.bn_policy, device=device,
+                   amp_dtype=None if c.dp == "example" else c.resolve_amp(device),
                    num_workers=c.num_workers, objective=objective,
                    augment=Augmentation() if c.augment else None, lr_schedule=c.lr_schedule,
-                   num_rounds=c.num_rounds, pos_weight=pos_weight if c.pos_weight else None)
+                   num_rounds=c.num_rounds, pos_weight=pos_weight if c.pos_weight else None,
+                   dp_sgd=dp_sgd, clip_update=c.dp_clip_norm if c.dp == "client" else None)
 
     def fit(self, global_state: Mapping[str, torch.Tensor], round_num: int,
             payload: Optional[Mapping[str, torch.Tensor]] = None) -> ClientUpdate:
@@ -187,44 +218,38 @@ class Client:
         check_inputs = is_feature_data(self.dataset)
         first_loss = None   # of the received weights, before any local step: tells whose fault a divergence is
         seen = steps = 0
-        for epoch in range(self.local_epochs):
-            for x, y in loader:
-                x = to_input(x, self.device, self.amp_dtype)
-                if self.augment is not None:
-                    x = self.augment(x, aug_gen)
-                y = y.to(self.device, non_blocking=True)
-                if check_inputs:   # cached features are read back from disk: they can be damaged
-                    bad_inputs |= ~torch.isfinite(x).all()
-                with autocast(self.device, self.amp_dtype):
-                    loss = loss_fn(forward(x).float(), y)   # the data loss, what train_loss reports
-                if first_loss is None:
-                    first_loss = loss.detach()
-                penalty = self.objective.penalty(shared, anchor, payload)   # fp32, outside autocast
-                objective = loss if penalty is None else loss + penalty
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(objective).backward()
-                scaler.step(opt)
-                scaler.update()
-                total += loss.detach().double() * len(y)   # mean loss of the batch, weighted by its size
-                seen += len(y)
-                steps += 1
-            if bool(bad_inputs):
-                where = getattr(getattr(self.dataset, "cache", None), "path", None) or "the dataset"
-                raise DataError(f"client {self.client_id}, round {round_num}: its input batches hold NaN or "
-                                 f"infinite values, read from {where}: the cached features are damaged, not "
-                                 f"the training. Delete that file to rebuild it")
-            if not torch.isfinite(total):
-                self._check_received(first_loss, round_num)
-                raise NonFiniteLossError(
-                    f"client {self.client_id}, round {round_num}: training loss became {total.item()} in "
-                    f"local epoch {epoch + 1}; {self._advice()}")
+        if self.dp_sgd is not None:
+            total, seen, steps = self._train_dp(model, forward, opt, shared, anchor, payload, aug_gen, round_num)
+        else:
+            for epoch in range(self.local_epochs):
+                for x, y in loader:
+                    x = to_input(x, self.device, self.amp_dtype)
+                    if self.augment is not None:
+                        x = self.augment(x, aug_gen)
+                    y = y.to(self.device, non_blocking=True)
+                    if check_inputs:   # cached features are read back from disk: they can be damaged
+                        bad_inputs |= ~torch.isfinite(x).all()
+                    with autocast(self.device, self.amp_dtype):
+                        loss = loss_fn(forward(x).float(), y)   # the data loss, what train_loss reports
+                    if first_loss is None:
+                        first_loss = loss.detach()
+                    penalty = self.objective.penalty(shared, anchor, payload)   # fp32, outside autocast
+                    objective = loss if penalty is None else loss + penalty
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(objective).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                    total += loss.detach().double() * len(y)   # mean loss of the batch, weighted by its size
+                    seen += len(y)
+                    steps += 1
+                self._check_epoch(total, bad_inputs, first_loss, round_num, epoch)
         state = get_state(model, self.keys)
         bad = non_finite_entries(state)
         if bad:
             raise DivergenceError(f"client {self.client_id}, round {round_num}: its weights became NaN or "
                                   f"infinite in {len(bad)} entries (first {bad[0]!r}) with a finite loss; "
                                   f"{self._advice()}")
-        train_loss = total.item() / seen
+        train_loss = total.item() / max(seen, 1)
         if train_loss > DIVERGED_LOSS:
             self._check_received(first_loss, round_num)
             raise DivergenceError(f"client {self.client_id}, round {round_num}: training loss {train_loss:.3g} "
@@ -233,9 +258,85 @@ class Client:
             self.local_state = get_state(model, self.local_state)
         with torch.no_grad():
             sent_back = self.objective.reply(shared, anchor, payload, steps, lr)
-        return ClientUpdate(state=state, num_examples=len(self.dataset), train_loss=train_loss,
+        self.rounds_trained += 1
+        if self.clip_update is not None:   # client-level DP: nothing unclipped leaves the client
+            state = clipped_state(state, global_state, self.clip_update)[0]
+        private = self.dp_sgd is not None or self.clip_update is not None
+        return ClientUpdate(state=state, num_examples=len(self.dataset),
+                            train_loss=math.nan if private else train_loss,   # under DP it is not sent
                             client_id=self.client_id,
-                            extra={k: v.detach().to("cpu", copy=True) for k, v in sent_back.items()})
+                            extra={k: v.detach().to("cpu", copy=True) for k, v in sent_back.items()},
+                            epsilon=self.dp_sgd.epsilon_after(self.rounds_trained) if self.dp_sgd else None)
+
+    def _check_epoch(self, total: torch.Tensor, bad_inputs: torch.Tensor, first_loss, round_num: int,
+                     epoch: int) -> None:
+        if bool(bad_inputs):
+            where = getattr(getattr(self.dataset, "cache", None), "path", None) or "the dataset"
+            raise DataError(f"client {self.client_id}, round {round_num}: its input batches hold NaN or "
+                             f"infinite values, read from {where}: the cached features are damaged, not "
+                             f"the training. Delete that file to rebuild it")
+        if not torch.isfinite(total):
+            self._check_received(first_loss, round_num)
+            raise NonFiniteLossError(
+                f"client {self.client_id}, round {round_num}: training loss became {total.item()} in "
+                f"local epoch {epoch + 1}; {self._advice()}")
+
+    def _fetch(self, idx: np.ndarray, aug_gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images (or cached features) and labels of the examples idx, on the device."""
+        if is_feature_data(self.dataset):
+            x, y = self.dataset.batch(torch.as_tensor(idx, dtype=torch.long))
+        else:
+            x, y = default_collate([self.dataset[int(i)] for i in idx])
+        x = to_input(x, self.device, None)
+        if self.augment is not None:
+            x = self.augment(x, aug_gen)
+        return x, y.to(self.device)
+
+    def _train_dp(self, model, forward, opt, shared, anchor, payload, aug_gen: torch.Generator,
+                  round_num: int) -> tuple[torch.Tensor, int, int]:
+        """One round of per-patient DP-SGD (fedxray.dpsgd): Poisson-sampled patients each step, their
+        clipped gradients summed and noised, then the optimizer's step (plus the objective's penalty,
+        which depends on no patient). Returns the summed data loss, images seen and steps."""
+        spec = self.dp_sgd
+        dp = PatientDPSGD(spec, self.dp_codes, self.batch_size)
+        sampler = torch.Generator().manual_seed(derive_seed(self.seed, round_num, self.client_id))
+        noise = torch.Generator().manual_seed(derive_seed(self.seed, round_num, self.client_id, _DP_NOISE_STREAM))
+        trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        losses = per_example_bce(None if self.pos_weight is None else self.pos_weight.to(self.device))
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        bad_inputs = torch.zeros((), dtype=torch.bool, device=self.device)
+        check_inputs = is_feature_data(self.dataset)
+        first_loss, seen, steps = None, 0, 0
+        per_epoch = spec.steps_per_round // self.local_epochs
+        gsm = dp.attach(model)
+        try:
+            for epoch in range(self.local_epochs):
+                for idx in poisson_patient_batches(self.dp_codes, spec.sample_rate, per_epoch, sampler):
+                    def fetch(part):
+                        nonlocal bad_inputs
+                        x, y = self._fetch(part, aug_gen)
+                        if check_inputs:
+                            bad_inputs |= ~torch.isfinite(x).all()
+                        return x, y
+
+                    def example_losses(x, y):
+                        return losses(forward(x).float(), y)
+
+                    opt.zero_grad(set_to_none=True)
+                    loss_sum, n = dp.grads(trained, idx, fetch, example_losses, noise, self.device)
+                    if first_loss is None and n:
+                        first_loss = loss_sum / n
+                    penalty = self.objective.penalty(shared, anchor, payload)
+                    if penalty is not None:
+                        penalty.backward()   # adds to the noised .grad: it depends on no patient
+                    opt.step()
+                    total += loss_sum
+                    seen += n
+                    steps += 1
+                self._check_epoch(total, bad_inputs, first_loss, round_num, epoch)
+        finally:
+            dp.detach(gsm)
+        return total, seen, steps
 
     def lr_at(self, round_num: int) -> float:
         """The learning rate of round round_num (the schedule's, see scheduled_lr)."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -15,6 +16,7 @@ from .device import AMP_MODES
 from .features import FEATURE_DTYPES as _FEATURE_DTYPES
 from .model import BN_POLICIES
 from .partition import SCHEMES as PARTITIONS
+from .privacy import MODES as DP_MODES
 from .selection import SELECT_ROUNDS
 from .strategies import STRATEGIES, make_strategy
 
@@ -192,6 +194,36 @@ class Config:
         each client keeps its own statistics and affine parameters). The frozen trunk's
         BatchNorm never moves.
 
+    Privacy (fedxray.privacy, fedxray.dpsgd; README "Privacy"). Needs Opacus (pip install
+    'opacus>=1.5'). With dp set, layer4's BatchNorm is replaced by GroupNorm (a BatchNorm in
+    training mode mixes a batch's images, and its statistics are unprotected averages of private
+    images; GroupNorm normalises each image alone and keeps none; fedxray.model.private_norm), clients send no training loss (not covered by
+    the guarantee), and the history gets an "epsilon" row per round (split "privacy").
+
+    dp : str or None, default None
+        None (no DP); "example": DP-SGD at each hospital with the *patient* as the unit (patients
+        Poisson-sampled each step, each patient's gradient clipped to dp_clip_norm, Gaussian noise;
+        fedxray.dpsgd), each client with its own accountant and epsilon; "client": DP-FedAvg
+        (McMahan et al. 2018): clients Poisson-sampled with probability fraction_fit each round,
+        each update clipped to dp_clip_norm, Gaussian noise added at the server to their sum,
+        divided by the expected number of clients (an unweighted average; fedxray.privacy). One
+        epsilon for the whole federation, per hospital. With few clients all taking part every
+        round it is enormous: the run says so.
+    dp_noise_multiplier : float or None, default None
+        Noise standard deviation in units of dp_clip_norm, >= 0 (0 = no noise: epsilon infinite).
+        Exactly one of dp_noise_multiplier and dp_target_epsilon is given when dp is set.
+    dp_target_epsilon : float or None, default None
+        The epsilon to end the run at (> 0): the noise multiplier is computed from it by Opacus's
+        RDP accountant for the run's rounds, sampling and delta (per client for "example", from
+        its own size; assuming it trains every round).
+    dp_clip_norm : float, default 1.0
+        L2 bound C on each patient's gradient ("example") or each client's update ("client"); > 0,
+        inf allowed only without noise (the non-private reference).
+    dp_delta : float or None, default None
+        delta of the (epsilon, delta) guarantee, in (0, 1). None = 1e-5, or 0.1 / units when
+        that is smaller (units: the federation's training patients for "example", the clients for
+        "client"; fedxray.privacy.default_delta).
+
     Evaluation:
 
     eval_batch_size : int, default 128
@@ -285,6 +317,12 @@ class Config:
     # Model
     weights: Optional[str] = "auto"
     bn_policy: str = "average"
+    # Privacy
+    dp: Optional[str] = None
+    dp_noise_multiplier: Optional[float] = None
+    dp_target_epsilon: Optional[float] = None
+    dp_clip_norm: float = 1.0
+    dp_delta: Optional[float] = None
     # Evaluation
     eval_batch_size: int = 128
     select_round: str = "best_val"
@@ -348,8 +386,51 @@ class Config:
             need(False, str(e))
         problems = cls.config_problems(self)
         need(not problems, f"strategy {self.strategy!r} cannot run with " + "; ".join(problems))
+        problems = self.privacy_problems()
+        need(not problems, "; ".join(problems))
         need(self.image_size >= 64, f"image_size must be >= 64: ResNet-34 downsamples 32x and layer4's "
              f"BatchNorm needs more than one value per channel, got {self.image_size}")
+
+    def privacy_problems(self) -> list[str]:
+        """What is wrong with the dp fields, or what breaks the guarantee, by name (empty: none)."""
+        if self.dp is None:
+            set_ = [k for k in ("dp_noise_multiplier", "dp_target_epsilon", "dp_delta") if getattr(self, k) is not None]
+            return [f"{', '.join(set_)} set, but dp is None: set dp='example' or 'client', or leave them None"] \
+                if set_ else []
+        if self.dp not in DP_MODES:
+            return [f"dp must be None, 'example' or 'client', got {self.dp!r}"]
+        out = []
+        noise, target, clip_norm, delta = self.dp_noise_multiplier, self.dp_target_epsilon, self.dp_clip_norm, self.dp_delta
+        if (noise is None) == (target is None):
+            out.append("dp needs exactly one of dp_noise_multiplier and dp_target_epsilon, got "
+                       f"{noise!r} and {target!r}")
+        if noise is not None and not (_is_number(noise) and math.isfinite(noise) and noise >= 0):
+            out.append(f"dp_noise_multiplier must be a finite number >= 0, got {noise!r}")
+        if target is not None and not (_is_number(target) and math.isfinite(target) and target > 0):
+            out.append(f"dp_target_epsilon must be a finite number > 0, got {target!r}")
+        if not (_is_number(clip_norm) and clip_norm > 0):
+            out.append(f"dp_clip_norm must be > 0, got {clip_norm!r}")
+        elif math.isinf(clip_norm) and not (noise == 0):
+            out.append("dp_clip_norm=inf bounds nothing: allowed only with dp_noise_multiplier=0 (the reference "
+                       "without privacy)")
+        if delta is not None and not (_is_number(delta) and 0 < delta < 1):
+            out.append(f"dp_delta must lie in (0, 1), got {delta!r}")
+        if self.pos_weight:
+            out.append("pos_weight=True with dp: each client's label counts would leave it unprotected; set "
+                       "pos_weight=False")
+        if self.bn_policy != "average":
+            out.append(f"bn_policy={self.bn_policy!r} with dp: under DP layer4's BatchNorm is a GroupNorm (no "
+                       f"statistics to keep local); set bn_policy='average'")
+        if self.dp == "client" and self.strategy in ("median", "trimmed_mean", "scaffold"):
+            why = ("its clients send control variates besides their clipped update" if self.strategy == "scaffold"
+                   else "its aggregate is not a sum of updates, so noise calibrated to one update's bound does not "
+                        "cover it")
+            out.append(f"strategy={self.strategy!r} with dp='client': {why}; use fedavg, fedprox, fedavgm or the "
+                       f"FedOpt family")
+        if self.dp == "example" and self.amp in ("fp16", "bf16"):
+            out.append(f"amp={self.amp!r} with dp='example': per-patient gradients are computed in float32 (Opacus); "
+                       f"set amp='auto' or 'off'")
+        return out
 
     def strategy_hyperparameters(self) -> dict[str, float]:
         """The strategy's hyperparameters that are set (None ones take the strategy's default)."""
@@ -412,3 +493,7 @@ class Config:
         if self.amp == "bf16" or (self.amp == "auto" and native_bf16):
             return torch.bfloat16
         return torch.float16   # T4 and P100 have no bf16: fp16 with a GradScaler
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

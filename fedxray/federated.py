@@ -23,6 +23,7 @@ from .config import Config
 from .device import DivergenceError, predict
 from .io import atomic_write, atomic_write_text, file_lock
 from .model import EXCHANGED_PREFIXES, ChestXrayResNet, state_problems
+from .privacy import poisson_clients
 from .parts import RunParts, cap_splits, centralized, local_only, prepare, reuse  # noqa: F401  (cap_splits: public here)
 from .progress import bar
 from .saved_model import FINISHED, finished, load_final, save_final
@@ -48,6 +49,33 @@ def sample_clients(num_clients: int, fraction: float, seed: int, round_num: int)
     m = max(1, int(round(fraction * num_clients)))
     rng = np.random.default_rng(derive_seed(seed, round_num, _SAMPLING_STREAM))
     return sorted(rng.choice(num_clients, size=m, replace=False).tolist())
+
+
+def round_clients(config: Config, round_num: int) -> list[int]:
+    """The clients that train in a round: sample_clients, or under client-level DP each client with
+    probability fraction_fit (Poisson, as its accountant assumes; possibly none)."""
+    if config.dp == "client":
+        return poisson_clients(config.num_clients, config.fraction_fit, config.seed, round_num)
+    return sample_clients(config.num_clients, config.fraction_fit, config.seed, round_num)
+
+
+def planned_rounds(config: Config, upto: Optional[int] = None) -> dict[int, int]:
+    """Client id -> the rounds among 1..upto (default: all) it is sampled to train in."""
+    out = dict.fromkeys(range(config.num_clients), 0)
+    for r in range(1, (config.num_rounds if upto is None else upto) + 1):
+        for k in round_clients(config, r):
+            out[k] += 1
+    return out
+
+
+def privacy_rows(config: Config, strategy: Strategy, round_num: int, updates: Sequence) -> list[dict]:
+    """The round's epsilon rows (split "privacy"): the federation's under client-level DP, each
+    trained client's as it reported it under per-patient DP-SGD; none without DP."""
+    if config.dp == "client":
+        return [hist.row(round_num, "privacy", hist.GLOBAL, "epsilon", strategy.spec.epsilon_after(round_num))]
+    if config.dp == "example":
+        return [hist.row(round_num, "privacy", u.client_id, "epsilon", u.epsilon) for u in updates]
+    return []
 
 
 def evaluate(parts: RunParts, global_state: dict[str, torch.Tensor], round_num: int, split: str,
@@ -179,7 +207,7 @@ class FederatedRun:
     def _round(self, r: int, rounds) -> None:
         c = self.config
         t0 = time.perf_counter()
-        chosen = sample_clients(c.num_clients, c.fraction_fit, c.seed, r)
+        chosen = round_clients(c, r)
         kept = f"the checkpoint of round {r - 1} in {self.output_dir} is kept"
         updates, sent_bytes = [], []
         for i, k in enumerate(chosen):
@@ -196,7 +224,7 @@ class FederatedRun:
         before = self.strategy.state_dict()
         new_state = self.strategy.aggregate(self.global_state, updates, r)
         try:
-            rows = hist.train_rows(r, chosen, updates, sent_bytes)
+            rows = hist.train_rows(r, chosen, updates, sent_bytes) + privacy_rows(c, self.strategy, r, updates)
             rows += evaluate(self.parts, new_state, r, "val", self.clients)
             if c.test_every_round:
                 rows += evaluate(self.parts, new_state, r, "test", self.clients)
@@ -237,6 +265,8 @@ class FederatedRun:
         restore_selection(self.best, ckpt, path, self.global_state,
                           {cl.client_id: cl.local_state for cl in self.clients})
         restore_rng(ckpt)
+        for k, n in planned_rounds(self.config, self.round).items():   # each client's accountant
+            self.clients[k].rounds_trained = n
         log.info("resuming %s after round %d of %d", self.output_dir, self.round, self.config.num_rounds)
 
     def _load_final(self, path: Path) -> None:

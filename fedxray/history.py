@@ -17,7 +17,7 @@ COLUMNS = ["round", "split", "client", "metric", "value"]
 # The `client` of rows that are not one client's: the global model's metrics, the example-weighted
 # mean of the clients' training losses, and the server's communication counts.
 GLOBAL, ALL, SERVER = "global", "all", "server"
-SPLITS = ("train", "val", "test", "comm")
+SPLITS = ("train", "val", "test", "comm", "privacy")
 
 
 def row(round_num: int, split: str, client, metric: str, value: float) -> dict:
@@ -43,10 +43,13 @@ def train_rows(round_num: int, client_ids: Sequence[int], updates: Sequence, sen
     client it sent to, the global state plus any strategy payload) and received (each update's
     state plus its extra tensors, e.g. SCAFFOLD's control variates)."""
     r = round_num
-    rows = [row(r, "train", k, "train_loss", u.train_loss) for k, u in zip(client_ids, updates)]
+    # Under differential privacy clients report no loss (NaN): it is not covered by the guarantee.
+    reported = [(k, u) for k, u in zip(client_ids, updates) if not np.isnan(u.train_loss)]
+    rows = [row(r, "train", k, "train_loss", u.train_loss) for k, u in reported]
     rows += [row(r, "train", k, "num_examples", u.num_examples) for k, u in zip(client_ids, updates)]
-    n = sum(u.num_examples for u in updates)
-    rows.append(row(r, "train", ALL, "train_loss", sum(u.train_loss * u.num_examples for u in updates) / n))
+    n = sum(u.num_examples for _, u in reported)
+    if reported:
+        rows.append(row(r, "train", ALL, "train_loss", sum(u.train_loss * u.num_examples for _, u in reported) / n))
     rows.append(row(r, "comm", SERVER, "bytes_sent", sum(sent_bytes)))
     rows.append(row(r, "comm", SERVER, "bytes_received",
                     sum(state_nbytes(u.state) + state_nbytes(u.extra) for u in updates)))

@@ -21,9 +21,11 @@ from .client import Client
 from .config import Config
 from .data import LABELS, NIHDataset
 from .features import FeatureCache, build_feature_cache
-from .model import ChestXrayResNet, buffer_keys, build_model, exchanged_keys, get_state, trunk_digest
+from .model import (ChestXrayResNet, buffer_keys, build_model, exchanged_keys, private_norm, get_state,
+                    trunk_digest)
 from .objectives import label_counts, pos_weight_from_counts
 from .partition import partition
+from .privacy import ClientLevelDP, client_spec, default_delta
 from .strategies import Strategy, make_strategy
 
 
@@ -102,7 +104,10 @@ def model_for(config: Config, device: torch.device) -> ChestXrayResNet:
     """The run's model on its device: the random parts (fc, or everything with weights=None) follow
     config.seed only, so the server and every site build the same one."""
     torch.manual_seed(config.seed)
-    model = build_model(len(LABELS), config.weights).to(device)
+    model = build_model(len(LABELS), config.weights)
+    if config.dp is not None:   # DP: layer4's BatchNorm becomes GroupNorm, no statistics
+        private_norm(model)
+    model = model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     return model
@@ -111,8 +116,10 @@ def model_for(config: Config, device: torch.device) -> ChestXrayResNet:
 def strategy_for(config: Config, model: ChestXrayResNet) -> Strategy:
     """config.strategy with its hyperparameters; the model's buffers (BatchNorm statistics) are
     named so that a server optimizer averages them instead of stepping on them."""
-    return make_strategy(config.strategy, buffers=buffer_keys(model), num_clients=config.num_clients,
-                         **config.strategy_hyperparameters())
+    strategy = make_strategy(config.strategy, buffers=buffer_keys(model), num_clients=config.num_clients,
+                             **config.strategy_hyperparameters())
+    spec = client_spec(config, config.num_clients)
+    return strategy if spec is None else ClientLevelDP(strategy, spec, config.seed)
 
 
 def run_info(model: ChestXrayResNet, device: torch.device, amp_dtype: Optional[torch.dtype],
@@ -189,7 +196,7 @@ class RunParts:
         return {**run_info(self.model, self.device, self.amp_dtype, self.initial_state(), self.strategy,
                            client_examples=[len(cl.dataset) for cl in self.clients],
                            val_examples=len(self.val_data), test_examples=len(self.test_data)),
-                **self.source.info()}
+                **self.source.info(), **privacy_info(self.config, self.strategy, self.clients)}
 
     def with_clients(self, config: Config, client_frames: Sequence[pd.DataFrame]) -> "RunParts":
         """The same data source, model and evaluation sets, with other clients (a baseline's): each
@@ -200,11 +207,55 @@ class RunParts:
         # none for the Flower server's parts, which hold no clients (it gathers the counts by query).
         weight = (pos_weight_from_counts(label_counts(f) for f in client_frames)
                   if config.pos_weight and client_frames else None)
+        delta = example_delta(config, client_frames)
         clients = [Client.from_config(k, self.source.dataset(f), self.model, config, self.device, strategy.objective,
-                                      pos_weight=weight)
+                                      pos_weight=weight, dp_delta=delta)
                    for k, f in enumerate(client_frames)]
         return dataclasses.replace(self, config=config, client_frames=list(client_frames), strategy=strategy,
                                    clients=clients)
+
+
+def example_delta(config: Config, client_frames: Sequence[pd.DataFrame]) -> Optional[float]:
+    """The run's delta under per-patient DP-SGD: config.dp_delta, else default_delta of the
+    federation's training patients; None without dp "example"."""
+    if config.dp != "example":
+        return None
+    if config.dp_delta is not None:
+        return config.dp_delta
+    return default_delta(sum(f["patient_id"].nunique() for f in client_frames))
+
+
+def privacy_info(config: Config, strategy: Strategy, clients: Sequence[Client]) -> dict:
+    """What run_info.json records of a DP run: the mechanism and its unit, the accountant, delta,
+    the noise, and the final epsilon (per client for "example", assuming each trains in every
+    round it is sampled for; for the federation for "client"); {} without DP."""
+    from .privacy import accountant_name, judged
+    if config.dp is None:
+        return {}
+    if config.dp == "client":
+        spec = strategy.spec
+        eps = spec.epsilon_after(config.num_rounds)
+        return {"privacy": {
+            "dp": "client", "unit": "hospital (client)",
+            "mechanism": "DP-FedAvg (McMahan et al. 2018): updates clipped to L2 dp_clip_norm, Gaussian noise on the "
+                         "sum, fixed denominator (expected clients per round); Poisson client sampling",
+            "accountant": accountant_name(), "delta": spec.delta, "noise_multiplier": spec.noise_multiplier,
+            "clip_norm": spec.clip_norm, "sample_rate": spec.sample_rate, "steps": config.num_rounds,
+            "final_epsilon": eps, "judged": judged(eps)}}
+    from .federated import planned_rounds
+    planned = planned_rounds(config)
+    eps = [cl.dp_sgd.epsilon_after(planned[cl.client_id]) for cl in clients]
+    return {"privacy": {
+        "dp": "example", "unit": "patient",
+        "mechanism": "DP-SGD (Abadi et al. 2016) per patient: patients Poisson-sampled each step, each patient's "
+                     "mean-loss gradient clipped to L2 dp_clip_norm, Gaussian noise, fixed denominator",
+        "accountant": accountant_name(), "delta": clients[0].dp_sgd.delta if clients else None,
+        "clip_norm": config.dp_clip_norm,
+        "noise_multiplier": [cl.dp_sgd.noise_multiplier for cl in clients],
+        "sample_rate": [cl.dp_sgd.sample_rate for cl in clients],
+        "steps_per_round": [cl.dp_sgd.steps_per_round for cl in clients],
+        "rounds_trained": [planned[cl.client_id] for cl in clients],
+        "final_epsilon": eps, "judged": [judged(e) for e in eps]}}
 
 
 def prepare(config: Config, splits: dict[str, pd.DataFrame],
@@ -248,6 +299,8 @@ def reuse(parts: RunParts, config: Config) -> RunParts:
         return parts
     differ = {k: (getattr(parts.config, k), getattr(config, k)) for k in SETUP_FIELDS
               if getattr(parts.config, k) != getattr(config, k)}
+    if (parts.config.dp is None) != (config.dp is None):   # DP swaps layer4's BatchNorm for GroupNorm in the model
+        differ["dp"] = (parts.config.dp, config.dp)
     if differ:
         raise ValueError(f"these parts were prepared for another setup ({differ}, prepared vs now): prepare "
                          f"new parts with fedxray.parts.prepare(config, splits)")
@@ -256,9 +309,14 @@ def reuse(parts: RunParts, config: Config) -> RunParts:
 
 def baseline_config(config: Config, num_clients: int = 1) -> Config:
     """The config of a baseline run: one client, every round, plain FedAvg (a single client's FedAvg
-    is ordinary training), no partition, no further cap (the parts are capped already)."""
+    is ordinary training), no partition, no further cap (the parts are capped already). Client-level
+    DP has no meaning for one client and is dropped (the model keeps its GroupNorm, so the
+    baselines are the same network); per-patient DP-SGD stays."""
+    private = {} if config.dp != "client" else \
+        dict(dp=None, dp_noise_multiplier=None, dp_target_epsilon=None, dp_clip_norm=1.0, dp_delta=None)
     return dataclasses.replace(config.with_strategy("fedavg"), num_clients=num_clients, fraction_fit=1.0,
-                               partition="iid", partition_column=None, balanced_sizes=False, max_images=None)
+                               partition="iid", partition_column=None, balanced_sizes=False, max_images=None,
+                               **private)
 
 
 def centralized(parts: RunParts) -> RunParts:

@@ -26,7 +26,7 @@ from .config import Config
 from .data import LABELS
 from .history import frame as history_frame
 from .io import atomic_write
-from .model import EXCHANGED_PREFIXES, ChestXrayResNet, build_model, state_problems, trunk_digest
+from .model import EXCHANGED_PREFIXES, ChestXrayResNet, build_model, private_norm, state_problems, trunk_digest
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,8 @@ def _load_model(path: Path, client, weights, trunk) -> ChestXrayResNet:
             f"{path}: no trunk with digest {ref['digest'][:12]} (weights {ref['source']!r}) was found ("
             + "; ".join(tried) + "). Pass weights= the weights file the run used, or trunk= its "
             f"{trunk_file(ref['digest'])} (kept under {TRUNKS}/ in the run's output root)")
+    if (rec.get("config") or {}).get("dp"):
+        private_norm(model)   # as fedxray.parts.model_for built it for a DP run
     problems = state_problems(rec["state"], {k: v for k, v in model.state_dict().items()
                                             if k.startswith(EXCHANGED_PREFIXES)})
     if problems:

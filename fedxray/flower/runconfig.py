@@ -92,6 +92,9 @@ def check_supported(config: Config) -> None:
     if config.max_images is not None:
         problems.append(f"max_images={config.max_images}: the folders define the data; cap the splits "
                         f"(fedxray.federated.cap_splits) before writing them and leave max-images \"\"")
+    if config.dp is not None:
+        problems.append(f"dp={config.dp!r}: differential privacy runs in-process only so far (fedxray.run_federated); "
+                        f"on Flower it waits for secure aggregation (README, Privacy); leave dp \"\"")
     if problems:
         raise ValueError("the Flower app does not support " + "; ".join(problems))
 
