@@ -264,3 +264,48 @@ def plot_final_auroc(histories: Mapping[str, pd.DataFrame], title: str = "Final 
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def privacy_table(histories: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per run: its test mean AUROC at the reported round and its final epsilon (the
+    federation's under client-level DP; the largest client's under per-patient DP-SGD, with the
+    smallest beside it; NaN for a run without DP)."""
+    rows = []
+    for name, h in histories.items():
+        eps = h[(h["split"] == "privacy") & (h["metric"] == "epsilon")]
+        last = eps[eps["round"] == eps["round"].max()] if len(eps) else eps
+        per_client = eps[eps["client"] != GLOBAL].groupby("client")["value"].max() if len(eps) else pd.Series(dtype=float)
+        if len(last) and (last["client"] == GLOBAL).any():
+            worst = best = float(last[last["client"] == GLOBAL]["value"].iloc[0])
+        elif len(per_client):
+            worst, best = float(per_client.max()), float(per_client.min())
+        else:
+            worst = best = float("nan")
+        rows.append({"run": name, "test_mean_auroc": float(final_test_auroc(h).mean(skipna=True)),
+                     "epsilon": worst, "epsilon_min_client": best})
+    return pd.DataFrame(rows).set_index("run")
+
+
+def plot_privacy_utility(table: pd.DataFrame, reference: Mapping[str, float] = {},
+                         title: str = "Privacy and utility"):
+    """Test mean AUROC against epsilon (log scale) for the runs of privacy_table with a finite
+    epsilon, each labelled with its name; reference: name -> AUROC drawn as horizontal lines
+    (the non-private model, the run without noise)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    finite = table[np.isfinite(table["epsilon"])]
+    ax.plot(finite["epsilon"], finite["test_mean_auroc"], marker="o", color="tab:blue", label="with DP")
+    for name, row in finite.iterrows():
+        ax.annotate(str(name), (row["epsilon"], row["test_mean_auroc"]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8)
+    for (name, value), style in zip(reference.items(), ("--", "-.", ":")):
+        ax.axhline(value, color="grey", ls=style, lw=1.2, label=f"{name}: {value:.3f}")
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    if len(finite):
+        ax.set_xscale("log")
+    ax.set_xlabel("epsilon (delta as in run_info.json; log scale)")
+    ax.set_ylabel("test mean AUROC (selected round)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig

@@ -116,10 +116,18 @@ def test_notebook_runs_tweaked_and_again_on_demo_data(tmp_path):
     assert (saved["strategy"], saved["proximal_mu"], saved["eta"]) == ("fedprox", 0.1, None)
     assert not (run / "compare" / "fedavg").exists()              # the main run is fedavg: not trained twice
 
-    _execute(tmp_path, "second", output_dir=str(root), lr=0.01, run_baselines=False, compare=[])
+    # The privacy section: off above, on here (client-level DP; a DP run prints its epsilon).
+    text = _execute(tmp_path, "second", output_dir=str(root), lr=0.01, run_baselines=False, compare=[],
+                    privacy_sweep=[0.01])
     second = [m.parent for m in root.glob("*/run.json") if m.parent != run]
     assert len(second) == 1 and "_lr=0.01_" in second[0].name
     assert (second[0] / "fedavg" / "final_model.pt").exists()
+    assert not (run / "privacy").exists()                         # the sweep is off by default
+    sweep = pd.read_csv(second[0] / "privacy.csv", index_col="run")
+    assert list(sweep.index) == ["no noise", "z=0.01"]
+    assert sweep.loc["no noise", "epsilon"] == float("inf") and 1e3 < sweep.loc["z=0.01", "epsilon"] < float("inf")
+    assert (second[0] / "figures" / "privacy_utility.png").stat().st_size > 1000
+    assert "epsilon" in text
     table = pd.read_csv(root / "runs.csv")
     assert len(table) == 2 and sorted(table["param lr"]) == [0.001, 0.01]
     assert table["complete"].all() and table["fedavg test"].notna().all()
