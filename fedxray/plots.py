@@ -287,14 +287,14 @@ def privacy_table(histories: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 def plot_privacy_utility(table: pd.DataFrame, reference: Mapping[str, float] = {},
-                         title: str = "Privacy and utility"):
+                         title: str = "Privacy and utility", label: str = "with DP", ax=None):
     """Test mean AUROC against epsilon (log scale) for the runs of privacy_table with a finite
     epsilon, each labelled with its name; reference: name -> AUROC drawn as horizontal lines
-    (the non-private model, the run without noise)."""
+    (the non-private model, the run without noise). ax: draw a further series on an existing figure."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    finite = table[np.isfinite(table["epsilon"])]
-    ax.plot(finite["epsilon"], finite["test_mean_auroc"], marker="o", color="tab:blue", label="with DP")
+    fig, ax = plt.subplots(figsize=(7, 4.5)) if ax is None else (ax.figure, ax)
+    finite = table[np.isfinite(table["epsilon"])].sort_values("epsilon")
+    ax.plot(finite["epsilon"], finite["test_mean_auroc"], marker="o", label=label)
     for name, row in finite.iterrows():
         ax.annotate(str(name), (row["epsilon"], row["test_mean_auroc"]), textcoords="offset points", xytext=(4, 4),
                     fontsize=8)

@@ -397,3 +397,22 @@ def test_private_norm_normalises_each_image_alone_from_the_batchnorm_affine():
     together = model.head(x)[:1]
     assert torch.allclose(alone, together, atol=1e-5)               # an image's output ignores the others
     assert not list(model.layer4.buffers())                           # no statistics to leak
+
+
+def test_privacy_table_takes_the_federations_or_the_largest_clients_epsilon():
+    from fedxray import history as hist
+    from fedxray.plots import privacy_table
+
+    def run(eps_rows):
+        rows = [hist.row(2, "test", hist.GLOBAL, f"auroc_{n}", 0.7) for n in fedxray.LABELS]
+        rows += [hist.row(2, "test", hist.GLOBAL, "mean_auroc", 0.7)]
+        return hist.frame(rows + [hist.row(r, "privacy", c, "epsilon", e) for r, c, e in eps_rows])
+    table = privacy_table({
+        "client": run([(1, hist.GLOBAL, 3.0), (2, hist.GLOBAL, 5.0)]),
+        "example": run([(1, "0", 1.0), (2, "0", 2.0), (1, "1", 4.0)]),   # client 1 not sampled in round 2
+        "none": run([]),
+    })
+    assert table.loc["client", "epsilon"] == 5.0 == table.loc["client", "epsilon_min_client"]
+    assert (table.loc["example", "epsilon"], table.loc["example", "epsilon_min_client"]) == (4.0, 2.0)
+    assert np.isnan(table.loc["none", "epsilon"])
+    assert table["test_mean_auroc"].tolist() == pytest.approx([0.7] * 3)
