@@ -4,8 +4,8 @@ in fedxray.dpsgd; both report their epsilon through `epsilon` here.
 
 Accounting is Opacus's RDP accountant (Mironov 2017; the Poisson-subsampled Gaussian of Mironov,
 Talwar and Zhang 2019): a well-kept, audited implementation, installable wherever torch >= 2.0 is
-(opacus 1.5 for torch < 2.6, 1.6 above). It is imported only when a run asks for DP, so fedxray
-without DP needs no opacus.
+(opacus 1.6 needs torch >= 2.6; 1.5.x works with torch >= 2.0). It is imported only when a run
+asks for DP, so fedxray without DP needs no opacus.
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ def _opacus():
         from opacus.accountants.utils import get_noise_multiplier
     except ImportError:
         raise ImportError("differential privacy (Config.dp) needs Opacus for its accountant and per-sample "
-                          "gradients: pip install 'opacus>=1.5' (or pip install -e '.[privacy]'); with torch "
-                          "older than 2.6 pip picks opacus 1.5") from None
+                          "gradients: pip install 'opacus>=1.5' (or pip install -e '.[privacy]'); with a torch "
+                          "older than 2.6 install 'opacus>=1.5,<1.6', or pip replaces your torch") from None
     return opacus, RDPAccountant, get_noise_multiplier
 
 
