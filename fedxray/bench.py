@@ -4,7 +4,8 @@ Measures in one run, on the same images: the training throughput (images/s) of a
 pipeline (PIL open, convert('RGB'), resize in __getitem__, fp32, batch 32, the whole model in
 train mode, K loader workers), of fedxray's image-cache path (without and with the default
 fedxray.augment.Augmentation, batched on the device: their ratio is augmentation's cost, and the
-augmentation alone is timed too) and of its feature-cache path (all through the real Client.fit);
+augmentation alone is timed too) and of its feature-cache path, with and without per-patient
+DP-SGD on the GroupNorm model DP uses (all through the real Client.fit);
 the time to build each cache per image; decoding cost; peak memory.
 The full mode (for a GPU machine) adds NIH-sized synthetic data written straight into the cache
 (86,524 training + 25,596 test images), a batch-size sweep, and a whole federated run at NIH size
@@ -188,6 +189,38 @@ def paired_throughput(dataset, batch_size: int, device: torch.device, amp_dtype:
     """client_throughput without and with augment, their timed epochs interleaved (ABBA...), so
     that a change in the machine's load or clock hits both alike: their ratio is what matters."""
     epochs = [_client_epoch(dataset, batch_size, device, amp_dtype, num_workers, aug) for aug in (None, augment)]
+    return _interleaved(epochs, len(dataset), batch_size, repeats, device)
+
+
+DP_BATCH = 32   # DP-SGD keeps one gradient per image of a chunk: 52 MB each for layer4 + fc
+
+
+def dp_sgd_cost(dataset, device: torch.device, repeats: int) -> Optional[tuple[dict, dict]]:
+    """Epochs of the real Client.fit on cached features with layer4's GroupNorm (private_norm),
+    batch DP_BATCH, without and with per-patient DP-SGD (noise 1, clip 1; Opacus's per-image
+    gradients), interleaved as paired_throughput: their ratio is DP-SGD's cost. DP-SGD's epoch
+    sees len(dataset) images on average (Poisson sampling). None without opacus."""
+    import importlib.util
+    if importlib.util.find_spec("opacus") is None:
+        return None
+    from .dpsgd import PatientDPSpec, steps_per_round
+    from .model import private_norm
+
+    def epoch(dp: bool) -> Callable[[], None]:
+        torch.manual_seed(0)
+        model = private_norm(build_model(len(LABELS), weights=None)).to(device)
+        state = get_state(model, exchanged_keys(model))
+        q, steps = steps_per_round(len(dataset), DP_BATCH, 1)
+        client = Client(0, dataset, model, batch_size=DP_BATCH, lr=1e-4, device=device,
+                        dp_sgd=PatientDPSpec(1.0, 1.0, q, steps, 1e-5) if dp else None)
+        rounds = iter(range(1, 10_000))
+        return lambda: client.fit(state, round_num=next(rounds))
+    return _interleaved([epoch(False), epoch(True)], len(dataset), DP_BATCH, repeats, device)
+
+
+def _interleaved(epochs: list[Callable[[], None]], images: int, batch_size: int, repeats: int,
+                 device: torch.device) -> tuple[dict, dict]:
+    """Images/s of two epoch functions, one warm-up each, then timed in ABBA order."""
     rates: list[list[float]] = [[], []]
     peaks: list[Optional[int]] = [None, None]
     for i in (0, 1):
@@ -199,7 +232,7 @@ def paired_throughput(dataset, batch_size: int, device: torch.device, amp_dtype:
             t = time.perf_counter()
             epochs[i]()
             _sync(device)
-            rates[i].append(len(dataset) / (time.perf_counter() - t))
+            rates[i].append(images / (time.perf_counter() - t))
             peak = _gpu_peak(device)
             peaks[i] = peak if peaks[i] is None else max(peaks[i], peak)
     return tuple({"images_per_s": statistics.median(rates[i]), "repeats": [round(v, 2) for v in rates[i]],
@@ -368,6 +401,11 @@ def run(mode: str, device: torch.device, workdir: Path, data_dir: Optional[Path]
     result["throughput"]["feature_cache"] = r = client_throughput(
         features.dataset(epoch), plan.feature_batch_size, plan, device, amp, plan.repeats)
     log(f"feature cache: {r['images_per_s']:.1f} images/s")
+    paired = dp_sgd_cost(features.dataset(epoch), device, plan.repeats)
+    if paired is not None:
+        result["throughput"]["feature_cache_groupnorm"], result["throughput"]["feature_cache_dp_sgd"] = paired
+        log(f"feature cache, GroupNorm: {paired[0]['images_per_s']:.1f} images/s, with per-patient DP-SGD "
+            f"{paired[1]['images_per_s']:.1f} images/s")
 
     result["sweep"] = []
     for bs in plan.sweep:
@@ -445,6 +483,11 @@ def table(result: dict) -> str:
                       f"x{a['throughput_ratio']:.3f} with it ({a['added_us_per_image']:+.0f} us/image); "
                       f"augmentation alone {a['alone_images_per_s']:.0f} images/s "
                       f"({a['alone_us_per_image']:.0f} us/image)"]
+    t = result["throughput"]
+    if "feature_cache_dp_sgd" in t:
+        lines += ["", f"per-patient DP-SGD (Opacus per-image gradients, batch {DP_BATCH}, feature cache): throughput "
+                      f"x{t['feature_cache_dp_sgd']['images_per_s'] / t['feature_cache_groupnorm']['images_per_s']:.3f} "
+                      f"of the same GroupNorm model without DP"]
     lines += ["", f"decode one PNG, one core: load_gray {d['load_gray_ms']:.1f} ms, "
                   f"convert('RGB') + resize {d['rgb_resize_ms']:.1f} ms",
               f"image cache build: {1e3 * b['image_cache']['s_per_image']:.2f} ms/image wall over "
