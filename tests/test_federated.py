@@ -14,7 +14,7 @@ from fedxray.federated import CHECKPOINT, FederatedRun, cap_splits, sample_clien
 from fedxray.parts import prepare
 from fedxray.plots import local_only_table
 
-from conftest import run_unfinished
+from conftest import assert_resume_equals_uninterrupted, run_unfinished
 
 
 def _config(**kw):
@@ -68,29 +68,8 @@ def test_mean_auroc_is_pooled_and_matches_sklearn(tiny_splits, tmp_path):
     assert got == pytest.approx(expected, abs=1e-6)
 
 
-def _assert_resume_equals_uninterrupted(cfg, splits, tmp_path, monkeypatch):
-    """A run killed in round 3 and resumed ends bitwise where the uninterrupted run ends."""
-    full = run_federated(cfg, splits, tmp_path / "full")
-    real_round = FederatedRun._round
-
-    def crash_in_round_3(self, r, progress):
-        if r == 3:
-            raise KeyboardInterrupt("simulated interruption")
-        return real_round(self, r, progress)
-    monkeypatch.setattr(FederatedRun, "_round", crash_in_round_3)
-    with pytest.raises(KeyboardInterrupt):
-        run_federated(cfg, splits, tmp_path / "resumed")
-    assert load_checkpoint(tmp_path / "resumed" / CHECKPOINT)["round"] == 2
-    monkeypatch.setattr(FederatedRun, "_round", real_round)
-    resumed = run_federated(cfg, splits, tmp_path / "resumed")
-    pd.testing.assert_frame_equal(full.history, resumed.history)
-    a, b = full.model.state_dict(), resumed.model.state_dict()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
 def test_interrupted_run_resumes_to_identical_result(tiny_splits, tmp_path, monkeypatch):
-    _assert_resume_equals_uninterrupted(_config(num_rounds=3, fraction_fit=0.5), tiny_splits, tmp_path, monkeypatch)
+    assert_resume_equals_uninterrupted(_config(num_rounds=3, fraction_fit=0.5), tiny_splits, tmp_path, monkeypatch)
 
 
 def test_resume_refuses_another_config(tiny_splits, tmp_path):
@@ -233,7 +212,7 @@ def test_every_strategy_resumes_to_the_uninterrupted_result(name, tiny_splits, t
     ends bitwise where the uninterrupted run ends (the strategy's server state is checkpointed)."""
     cfg = _strategy_config(name, num_clients=3, fraction_fit=0.67, num_rounds=3, bn_policy="local",
                            feature_cache=True, cache_dir=str(tmp_path / "cache"), preload=False)
-    _assert_resume_equals_uninterrupted(cfg, tiny_splits, tmp_path, monkeypatch)
+    assert_resume_equals_uninterrupted(cfg, tiny_splits, tmp_path, monkeypatch)
     info = json.loads((tmp_path / "full" / "run_info.json").read_text())
     assert info["strategy"] == name
 

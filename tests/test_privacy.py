@@ -19,7 +19,8 @@ from fedxray.aggregation import fedavg  # noqa: E402
 from fedxray.client import Client, ClientUpdate, derive_seed  # noqa: E402
 from fedxray.dpsgd import (PatientDPSGD, PatientDPSpec, per_example_bce, poisson_patient_batches,  # noqa: E402
                            steps_per_round)
-from fedxray.federated import FederatedRun, run_federated  # noqa: E402
+from fedxray.federated import run_federated  # noqa: E402
+from conftest import assert_resume_equals_uninterrupted  # noqa: E402
 from fedxray.model import bn_keys, build_model, exchanged_keys, private_norm, get_state  # noqa: E402
 from fedxray.parts import model_for  # noqa: E402
 from fedxray.privacy import (ClientDPSpec, ClientLevelDP, clip, clipped_state, epsilon, flat_delta,  # noqa: E402
@@ -353,20 +354,9 @@ def test_target_epsilon_is_met_by_each_client_under_dp_sgd(tiny_splits, tmp_path
 
 def test_dp_sgd_run_resumes_with_each_clients_accountant(tiny_splits, tmp_path, monkeypatch):
     cfg = Config(**{**TINY, "num_rounds": 3}, dp="example", dp_noise_multiplier=1.0, fraction_fit=0.5)
-    full = run_federated(cfg, tiny_splits, tmp_path / "full")
-    real = FederatedRun._round
-
-    def crash(self, r, progress):
-        if r == 3:
-            raise KeyboardInterrupt("simulated")
-        return real(self, r, progress)
-    monkeypatch.setattr(FederatedRun, "_round", crash)
-    with pytest.raises(KeyboardInterrupt):
-        run_federated(cfg, tiny_splits, tmp_path / "resumed")
-    monkeypatch.setattr(FederatedRun, "_round", real)
-    resumed = run_federated(cfg, tiny_splits, tmp_path / "resumed")
-    pd.testing.assert_frame_equal(full.history, resumed.history)
-    assert len(full.history[full.history.split == "privacy"]) == 3   # one trained client a round
+    assert_resume_equals_uninterrupted(cfg, tiny_splits, tmp_path, monkeypatch)   # epsilon rows included
+    h = pd.read_csv(tmp_path / "resumed" / "history.csv")
+    assert len(h[h.split == "privacy"]) == 3                          # one trained client a round
 
 
 def test_parts_prepared_without_dp_are_refused_for_a_dp_config(tiny_splits):
