@@ -82,7 +82,7 @@ class PatientDPSGD:
 
     def attach(self, model: nn.Module):
         """Opacus's per-sample-gradient hooks on model (remove with detach)."""
-        _, _, _ = _opacus()
+        _opacus()   # a clear error when opacus is missing
         from opacus.grad_sample import GradSampleModule
         return GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False)
 

@@ -313,7 +313,7 @@ def baseline_config(config: Config, num_clients: int = 1) -> Config:
     DP has no meaning for one client and is dropped (the model keeps its GroupNorm, so the
     baselines are the same network); per-patient DP-SGD stays."""
     private = {} if config.dp != "client" else \
-        dict(dp=None, dp_noise_multiplier=None, dp_target_epsilon=None, dp_clip_norm=1.0, dp_delta=None)
+        {f.name: f.default for f in dataclasses.fields(Config) if f.name.startswith("dp")}
     return dataclasses.replace(config.with_strategy("fedavg"), num_clients=num_clients, fraction_fit=1.0,
                                partition="iid", partition_column=None, balanced_sizes=False, max_images=None,
                                **private)

@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from ..client import ClientUpdate
 from ..config import Config
-from ..federated import sample_clients
+from ..federated import round_clients
 from ..history import message_bytes
 from ..objectives import pos_weight_from_counts
 from ..strategies import Strategy
@@ -67,7 +67,7 @@ class FedXrayStrategy(FlowerStrategy):
     - Identity: nodes report their client id, usable example count and image-list digest once
       (a query); a node that connects later (a restarted SuperNode) is queried and takes over its
       client when its count and digest are the ones reported before.
-    - Sampling: each round trains the clients fedxray.federated.sample_clients picks for
+    - Sampling: each round trains the clients fedxray.federated.round_clients picks for
       (num_clients, fraction_fit, seed, round), by fedxray client id.
     - Messages: each sampled client gets the global state and, when the fedxray strategy has one
       for it (strategy.payload(k, global_state), e.g. SCAFFOLD's correction), its own payload.
@@ -226,7 +226,7 @@ class FedXrayStrategy(FlowerStrategy):
         that client's payload from the fedxray strategy, when it has one."""
         c = self.config
         online = self.refresh(grid)
-        self.chosen = sample_clients(c.num_clients, c.fraction_fit, c.seed, server_round)
+        self.chosen = round_clients(c, server_round)
         self.sent = to_state(arrays)
         self.offline = [Dropped(k, self.node_of[k], "offline", DROP_REASONS["offline"])
                         for k in self.chosen if self.node_of[k] not in online]
