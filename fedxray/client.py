@@ -13,9 +13,9 @@ from torch.utils.data import Dataset, default_collate
 from .data import LABELS, DataError
 from .device import DivergenceError, autocast, batches, forward_of, is_feature_data, place_model, to_input
 from .model import bn_keys, exchanged_keys, get_state
-from .dpsgd import PatientDPSGD, PatientDPSpec, patient_codes, per_example_bce, poisson_patient_batches, steps_per_round
+from .dpsgd import PatientDPSGD, PatientDPSpec, patient_codes, per_example_bce, poisson_patient_batches, spec_for
 from .objectives import Objective
-from .privacy import clipped_state, noise_for_epsilon
+from .privacy import clipped_state
 
 
 # A mean BCE per finding this high means confidently wrong logits of about +-100 on average: no
@@ -160,12 +160,7 @@ class Client:
         if c.dp == "example":
             if dp_delta is None:
                 raise ValueError(f"client {client_id}: config.dp is 'example' but no dp_delta was given")
-            q, steps = steps_per_round(len(dataset), c.batch_size, c.local_epochs)
-            noise = c.dp_noise_multiplier
-            if noise is None:
-                noise = noise_for_epsilon(c.dp_target_epsilon, dp_delta, q, steps * c.num_rounds)
-            dp_sgd = PatientDPSpec(noise_multiplier=noise, clip_norm=c.dp_clip_norm, sample_rate=q,
-                                   steps_per_round=steps, delta=dp_delta)
+            dp_sgd = spec_for(c, len(dataset), dp_delta)
         from .augment import Augmentation
         return cls(client_id, dataset, model, local_epochs=c.local_epochs, batch_size=c.batch_size, lr=c.lr,
                    optimizer=c.optimizer, momentum=c.momentum, weight_decay=c.weight_decay, seed=c.seed,

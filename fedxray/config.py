@@ -223,6 +223,14 @@ class Config:
         delta of the (epsilon, delta) guarantee, in (0, 1). None = 1e-5, or 0.1 / units when
         that is smaller (units: the federation's training patients for "example", the clients for
         "client"; fedxray.privacy.default_delta).
+    secagg : bool, default False
+        Secure aggregation on Flower (SecAgg+, Bell et al. 2020, through Flower's own protocol;
+        fedxray.flower.secure): the server learns only the sum of the clients' updates. Like dp, it
+        turns layer4's BatchNorm into GroupNorm (running statistics are unbounded and cannot be
+        quantised for the secure sum). In process there is no network and nothing to secure: a
+        run with secagg=True trains the same model with exact sums, the reference a Flower
+        SecAgg+ run is compared with. Strategies that need each update (median, trimmed_mean) or
+        send more than it (scaffold) are refused.
 
     Evaluation:
 
@@ -323,6 +331,7 @@ class Config:
     dp_target_epsilon: Optional[float] = None
     dp_clip_norm: float = 1.0
     dp_delta: Optional[float] = None
+    secagg: bool = False
     # Evaluation
     eval_batch_size: int = 128
     select_round: str = "best_val"
@@ -393,13 +402,13 @@ class Config:
 
     def privacy_problems(self) -> list[str]:
         """What is wrong with the dp fields, or what breaks the guarantee, by name (empty: none)."""
+        out = self.secagg_problems()
         if self.dp is None:
             set_ = [k for k in ("dp_noise_multiplier", "dp_target_epsilon", "dp_delta") if getattr(self, k) is not None]
-            return [f"{', '.join(set_)} set, but dp is None: set dp='example' or 'client', or leave them None"] \
-                if set_ else []
+            return out + ([f"{', '.join(set_)} set, but dp is None: set dp='example' or 'client', or leave them None"]
+                          if set_ else [])
         if self.dp not in DP_MODES:
-            return [f"dp must be None, 'example' or 'client', got {self.dp!r}"]
-        out = []
+            return out + [f"dp must be None, 'example' or 'client', got {self.dp!r}"]
         noise, target, clip_norm, delta = self.dp_noise_multiplier, self.dp_target_epsilon, self.dp_clip_norm, self.dp_delta
         if (noise is None) == (target is None):
             out.append("dp needs exactly one of dp_noise_multiplier and dp_target_epsilon, got "
@@ -431,6 +440,28 @@ class Config:
             out.append(f"amp={self.amp!r} with dp='example': per-patient gradients are computed in float32 (Opacus); "
                        f"set amp='auto' or 'off'")
         return out
+
+    def secagg_problems(self) -> list[str]:
+        """What secure aggregation cannot do, by name (empty: none or nothing wrong)."""
+        if not isinstance(self.secagg, bool):
+            return [f"secagg must be true or false, got {self.secagg!r}"]
+        if not self.secagg:
+            return []
+        out = []
+        if self.strategy in ("median", "trimmed_mean", "scaffold"):
+            why = ("its clients send control variates besides their update" if self.strategy == "scaffold"
+                   else "its aggregate needs each client's update, which secure aggregation hides")
+            out.append(f"strategy={self.strategy!r} with secagg: {why}; use fedavg, fedprox, fedavgm or the FedOpt "
+                       f"family")
+        if self.bn_policy != "average":
+            out.append(f"bn_policy={self.bn_policy!r} with secagg: under secagg layer4's BatchNorm is a GroupNorm; set "
+                       f"bn_policy='average'")
+        return out
+
+    @property
+    def group_norm(self) -> bool:
+        """Whether layer4's BatchNorm is a GroupNorm (fedxray.model.private_norm): under dp or secagg."""
+        return self.dp is not None or bool(self.secagg)
 
     def strategy_hyperparameters(self) -> dict[str, float]:
         """The strategy's hyperparameters that are set (None ones take the strategy's default)."""

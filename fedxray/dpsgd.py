@@ -49,6 +49,20 @@ def steps_per_round(num_images: int, batch_size: int, local_epochs: int) -> tupl
     return q, local_epochs * math.ceil(1 / q)
 
 
+def spec_for(config, num_examples: int, delta: float) -> PatientDPSpec:
+    """The per-patient DP-SGD of a client holding num_examples images under config (dp "example"):
+    sampling rate and steps from its size, the noise given or computed from dp_target_epsilon for
+    every round of the run. The server of a Flower run computes the same from the sizes the
+    clients report, to check the epsilon each one sends."""
+    from .privacy import noise_for_epsilon
+    q, steps = steps_per_round(num_examples, config.batch_size, config.local_epochs)
+    noise = config.dp_noise_multiplier
+    if noise is None:
+        noise = noise_for_epsilon(config.dp_target_epsilon, delta, q, steps * config.num_rounds)
+    return PatientDPSpec(noise_multiplier=noise, clip_norm=config.dp_clip_norm, sample_rate=q,
+                         steps_per_round=steps, delta=delta)
+
+
 def patient_codes(dataset) -> np.ndarray:
     """Each example's patient as 0..P-1, from the dataset's frame (its patient_id column)."""
     frame = getattr(dataset, "frame", None)

@@ -37,7 +37,8 @@ def metric_rows(round_num: int, split: str, client, probs: np.ndarray, labels: n
     return rows
 
 
-def train_rows(round_num: int, client_ids: Sequence[int], updates: Sequence, sent_bytes: Sequence[int]) -> list[dict]:
+def train_rows(round_num: int, client_ids: Sequence[int], updates: Sequence, sent_bytes: Sequence[int],
+               received_bytes: Optional[int] = None) -> list[dict]:
     """A round's training and communication rows: each client's loss and examples, their
     example-weighted mean loss ("all"), and the bytes the server sent (sent_bytes: one entry per
     client it sent to, the global state plus any strategy payload) and received (each update's
@@ -51,8 +52,9 @@ def train_rows(round_num: int, client_ids: Sequence[int], updates: Sequence, sen
     if reported:
         rows.append(row(r, "train", ALL, "train_loss", sum(u.train_loss * u.num_examples for _, u in reported) / n))
     rows.append(row(r, "comm", SERVER, "bytes_sent", sum(sent_bytes)))
-    rows.append(row(r, "comm", SERVER, "bytes_received",
-                    sum(state_nbytes(u.state) + state_nbytes(u.extra) for u in updates)))
+    if received_bytes is None:   # (under secure aggregation the updates hold no state: it says what came in)
+        received_bytes = sum(state_nbytes(u.state) + state_nbytes(u.extra) for u in updates)
+    rows.append(row(r, "comm", SERVER, "bytes_received", received_bytes))
     return rows
 
 

@@ -105,7 +105,7 @@ def model_for(config: Config, device: torch.device) -> ChestXrayResNet:
     config.seed only, so the server and every site build the same one."""
     torch.manual_seed(config.seed)
     model = build_model(len(LABELS), config.weights)
-    if config.dp is not None:   # DP: layer4's BatchNorm becomes GroupNorm, no statistics
+    if config.group_norm:   # DP or secure aggregation: layer4's BatchNorm becomes GroupNorm, no statistics
         private_norm(model)
     model = model.to(device)
     if device.type == "cuda":
@@ -225,10 +225,11 @@ def example_delta(config: Config, client_frames: Sequence[pd.DataFrame]) -> Opti
     return default_delta(sum(f["patient_id"].nunique() for f in client_frames))
 
 
-def privacy_info(config: Config, strategy: Strategy, clients: Sequence[Client]) -> dict:
+def privacy_info(config: Config, strategy: Strategy, clients: Sequence[Client], specs: Optional[dict] = None) -> dict:
     """What run_info.json records of a DP run: the mechanism and its unit, the accountant, delta,
     the noise, and the final epsilon (per client for "example", assuming each trains in every
-    round it is sampled for; for the federation for "client"); {} without DP."""
+    round it is sampled for; for the federation for "client"); {} without DP. specs: client id ->
+    PatientDPSpec, in place of the clients' own (a Flower server holds no clients)."""
     from .privacy import accountant_name, judged
     if config.dp is None:
         return {}
@@ -244,17 +245,20 @@ def privacy_info(config: Config, strategy: Strategy, clients: Sequence[Client]) 
             "final_epsilon": eps, "judged": judged(eps)}}
     from .federated import planned_rounds
     planned = planned_rounds(config)
-    eps = [cl.dp_sgd.epsilon_after(planned[cl.client_id]) for cl in clients]
+    if specs is None:
+        specs = {cl.client_id: cl.dp_sgd for cl in clients}
+    ids = sorted(specs)
+    eps = [specs[k].epsilon_after(planned[k]) for k in ids]
     return {"privacy": {
         "dp": "example", "unit": "patient",
         "mechanism": "DP-SGD (Abadi et al. 2016) per patient: patients Poisson-sampled each step, each patient's "
                      "mean-loss gradient clipped to L2 dp_clip_norm, Gaussian noise, fixed denominator",
-        "accountant": accountant_name(), "delta": clients[0].dp_sgd.delta if clients else None,
+        "accountant": accountant_name(), "delta": specs[ids[0]].delta if ids else None,
         "clip_norm": config.dp_clip_norm,
-        "noise_multiplier": [cl.dp_sgd.noise_multiplier for cl in clients],
-        "sample_rate": [cl.dp_sgd.sample_rate for cl in clients],
-        "steps_per_round": [cl.dp_sgd.steps_per_round for cl in clients],
-        "rounds_trained": [planned[cl.client_id] for cl in clients],
+        "noise_multiplier": [specs[k].noise_multiplier for k in ids],
+        "sample_rate": [specs[k].sample_rate for k in ids],
+        "steps_per_round": [specs[k].steps_per_round for k in ids],
+        "rounds_trained": [planned[k] for k in ids],
         "final_epsilon": eps, "judged": [judged(e) for e in eps]}}
 
 
@@ -299,8 +303,9 @@ def reuse(parts: RunParts, config: Config) -> RunParts:
         return parts
     differ = {k: (getattr(parts.config, k), getattr(config, k)) for k in SETUP_FIELDS
               if getattr(parts.config, k) != getattr(config, k)}
-    if (parts.config.dp is None) != (config.dp is None):   # DP swaps layer4's BatchNorm for GroupNorm in the model
+    if parts.config.group_norm != config.group_norm:   # DP and secagg swap layer4's BatchNorm for GroupNorm
         differ["dp"] = (parts.config.dp, config.dp)
+        differ["secagg"] = (parts.config.secagg, config.secagg)
     if differ:
         raise ValueError(f"these parts were prepared for another setup ({differ}, prepared vs now): prepare "
                          f"new parts with fedxray.parts.prepare(config, splits)")

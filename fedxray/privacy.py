@@ -206,11 +206,7 @@ class ClientLevelDP(Strategy):
     def aggregate(self, global_state, updates, round_num):
         if updates:
             _check_updates(global_state, updates, round_num)
-        keys = list(global_state)
-        not_float = [k for k in keys if not global_state[k].is_floating_point() or k in self.buffers]
-        if not_float:
-            raise ValueError(f"client-level DP clips and noises parameters only, but the exchanged state holds "
-                             f"{not_float[:3]} (buffers or integers): with DP on, layer4's BatchNorm must be a GroupNorm (fedxray.model.private_norm)")
+        keys = self._keys(global_state)
         total = torch.zeros(sum(global_state[k].numel() for k in keys), dtype=torch.float64)
         for i, u in enumerate(updates):
             vector, norm = clip(flat_delta(u.state, global_state, keys), self.spec.clip_norm)
@@ -219,7 +215,20 @@ class ClientLevelDP(Strategy):
                             "clipped at the server", round_num, u.client_id if u.client_id is not None else i,
                             norm, self.spec.clip_norm)
             total += vector
-        total += self.noise(total.numel(), round_num)
+        return self.aggregate_sum(global_state, total, round_num)
+
+    def aggregate_sum(self, global_state, total: Tensor, round_num: int) -> dict[str, Tensor]:
+        """The round's new global state from the sum of the clipped updates (one float64 vector
+        over the exchanged entries in global_state's order): noise added, divided by the expected
+        number of clients, stepped by the wrapped strategy. What a server that only learns the sum
+        (secure aggregation, fedxray.flower.secure) calls; it cannot re-clip, so it relies on
+        every client having clipped its own update."""
+        keys = self._keys(global_state)
+        size = sum(global_state[k].numel() for k in keys)
+        if tuple(total.shape) != (size,):
+            raise ValueError(f"round {round_num}: the sum of the updates has shape {tuple(total.shape)}, expected "
+                             f"({size},) (the exchanged entries in order)")
+        total = total.to(torch.float64) + self.noise(size, round_num)
         mean = total / (self.spec.sample_rate * self.num_clients)
         parts = unflatten(mean, global_state, keys)
         from .client import ClientUpdate
@@ -227,6 +236,15 @@ class ClientLevelDP(Strategy):
         new = self.inner.combine(global_state, [ClientUpdate(state=noised, num_examples=1, train_loss=math.nan)],
                                  round_num)
         return {k: new[k].cpu() for k in global_state}
+
+    def _keys(self, global_state) -> list[str]:
+        keys = list(global_state)
+        not_float = [k for k in keys if not global_state[k].is_floating_point() or k in self.buffers]
+        if not_float:
+            raise ValueError(f"client-level DP clips and noises parameters only, but the exchanged state holds "
+                             f"{not_float[:3]} (buffers or integers): with DP on, layer4's BatchNorm must be a "
+                             f"GroupNorm (fedxray.model.private_norm)")
+        return keys
 
     def noise(self, size: int, round_num: int) -> Tensor:
         """The round's Gaussian noise: standard deviation noise_multiplier * clip_norm per coordinate."""

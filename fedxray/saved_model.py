@@ -174,8 +174,8 @@ def _load_model(path: Path, client, weights, trunk) -> ChestXrayResNet:
             f"{path}: no trunk with digest {ref['digest'][:12]} (weights {ref['source']!r}) was found ("
             + "; ".join(tried) + "). Pass weights= the weights file the run used, or trunk= its "
             f"{trunk_file(ref['digest'])} (kept under {TRUNKS}/ in the run's output root)")
-    if (rec.get("config") or {}).get("dp"):
-        private_norm(model)   # as fedxray.parts.model_for built it for a DP run
+    if (rec.get("config") or {}).get("dp") or (rec.get("config") or {}).get("secagg"):
+        private_norm(model)   # as fedxray.parts.model_for built it for a DP or secagg run
     problems = state_problems(rec["state"], {k: v for k, v in model.state_dict().items()
                                             if k.startswith(EXCHANGED_PREFIXES)})
     if problems:

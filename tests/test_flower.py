@@ -339,8 +339,9 @@ class Federation:
     """One SuperLink and one SuperNode per site folder on 127.0.0.1 (each site k is client k), and
     `flwr run` against them, all started through a Processes."""
 
-    def __init__(self, processes: Processes, home: Path, sites, until: float):
+    def __init__(self, processes: Processes, home: Path, sites, until: float, app_dir: Path = APP_DIR):
         self.processes, self.home, self.until = processes, home, until
+        self.app_dir = app_dir   # the app `flwr run` submits
         self.port = _free_port()
         processes.start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1",
                                       "--port", str(self.port), "--disable-runtime-dependency-installation"],
@@ -357,7 +358,7 @@ class Federation:
             f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
 
     def run(self, overrides: Path, name: str = "flwr_run") -> subprocess.Popen:
-        return self.processes.start(name, ["flwr", "run", str(APP_DIR), "fedxray-test", "--run-config",
+        return self.processes.start(name, ["flwr", "run", str(self.app_dir), "fedxray-test", "--run-config",
                                            str(overrides), "--stream"], self.cli_env)
 
     def wait(self, done, what: str, run: subprocess.Popen, may_die=("flwr_run",)) -> None:
@@ -392,7 +393,11 @@ class Federation:
 @pytest.mark.slow
 def test_flower_deployment_runs_strategies_one_after_the_other_as_in_process(tiny_splits, tmp_path, processes):
     """One federation (a SuperLink, two SuperNodes), two `flwr run`s one after the other, FedProx
-    (a client-side term) then FedAdam (a server optimizer): each ends as fedxray.run_federated."""
+    (a client-side term) then FedAdam (a server optimizer): each ends as fedxray.run_federated.
+    The app is instrumented (tests/flower_audit.py): the server keeps every fc.weight it receives,
+    and finds each client's trained state there (|r| > 0.999), the positive control of the
+    SecAgg+ test, where the same instrument finds nothing."""
+    from flower_audit import audit_app, largest_correlation
     need_flower_processes()
     until = time.monotonic() + 2 * DEADLINE_S
     parts = _frames(tiny_splits)
@@ -400,7 +405,10 @@ def test_flower_deployment_runs_strategies_one_after_the_other_as_in_process(tin
     val_dir = write_nih_folder(tiny_splits["val"], tmp_path / "server" / "val")
     test_dir = write_nih_folder(tiny_splits["test"], tmp_path / "server" / "test")
     try:
-        federation = Federation(processes, tmp_path, sites, until)
+        audit = tmp_path / "audit"
+        audit.mkdir()
+        federation = Federation(processes, tmp_path, sites, until,
+                                app_dir=audit_app(tmp_path, audit, "fc.weight", 14 * 512))
         for name in ("fedprox", "fedadam"):
             config = Config(**TINY, strategy=name)
             out = tmp_path / f"flower_{name}"
@@ -412,6 +420,7 @@ def test_flower_deployment_runs_strategies_one_after_the_other_as_in_process(tin
             federation.wait(final.exists, f"{final} is written", run, may_die=("flwr_run",))
             compare_with_in_process(out, tmp_path / f"sim_{name}", sim.model, rounds=config.num_rounds)
             assert json.loads((out / "run_info.json").read_text())["strategy"] == name
+            assert largest_correlation(audit, range(2)) > 0.999   # the server holds each update in the clear
     except BaseException:
         print(processes.logs())
         raise

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..checkpoint import image_list_digest
@@ -28,12 +28,15 @@ from ..client import Client
 from ..config import Config
 from ..data import LABELS, DataError, load_nih
 from ..objectives import label_counts
+from ..federated import planned_rounds
 from ..parts import DataSource, model_for, strategy_for
-from .records import check_train_message, check_trunk, query_reply, train_reply
+from .records import (IMAGE_LIST_DIGEST, MessageError, check_train_message, check_trunk, query_reply,
+                      reply_metrics, train_reply)
 from .runconfig import (CACHE_DIR, NodeSettings, check_supported, config_from_run_config, log_to_flower,
                         node_settings)
 
 log = logging.getLogger(__name__)
+_SAME_RUN = "run the same fedxray version and run config on the server and every site"
 
 
 @dataclass
@@ -90,7 +93,8 @@ def load_site(config: Config, node: NodeSettings) -> Site:
     # With pos_weight, every train message carries the federation's weights (checked), which replace
     # these before each fit; the site never computes its own.
     client = Client.from_config(node.client_id, source.dataset(frame), model, c, device, strategy.objective,
-                                pos_weight=torch.ones(len(LABELS)) if c.pos_weight else None)
+                                pos_weight=torch.ones(len(LABELS)) if c.pos_weight else None,
+                                dp_delta=c.dp_delta)   # (Flower asks dp-delta of per-patient DP-SGD: check_supported)
     own = model.state_dict()
     payload = strategy.payload(node.client_id, {k: own[k].detach().cpu() for k in client.keys})
     site = Site(frame, client, image_list_digest(frame), {k: v.detach().cpu() for k, v in payload.items()})
@@ -116,23 +120,69 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local training from the global layer4 + fc (and the strategy's payload), after
-    checking what the server sent; the reply carries the objective's extra tensors, if any."""
+    checking what the server sent; the reply carries the objective's extra tensors, if any. With
+    secagg the message goes through Flower's secaggplus_mod, which runs the protocol's stages and
+    calls secure_train for the training one (fedxray.flower.secure)."""
     log_to_flower()
-    node = node_settings(context.node_config)
     config = config_from_run_config(context.run_config)
+    if config.secagg:
+        from flwr.client.mod import secaggplus_mod
+        from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+        if RECORD_KEY_CONFIGS not in msg.content:
+            raise MessageError(f"client {node_settings(context.node_config).client_id}: the run config says secagg=true, "
+                               f"but the server's train message is not a SecAgg+ stage; {_SAME_RUN}")
+        return secaggplus_mod(msg, context, secure_train)
+    node = node_settings(context.node_config)
+    site, update = _fit(msg.content, config, node)
+    return Message(train_reply(update, node.client_id, site.digest, config.dp), reply_to=msg)
+
+
+def secure_train(msg: Message, context: Context) -> Message:
+    """The training stage of a SecAgg+ round: the same checks and training as a plain round; the
+    reply, in the legacy FitRes form the mod reads, holds the update (trained minus global state,
+    sorted by key) for the mod to quantise and mask, its weight (its examples, or 1 under
+    client-level DP) and the clear numbers of a plain reply."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+    from .secure import client_weight, clipping_range, fit_reply
+    config = config_from_run_config(context.run_config)
+    node = node_settings(context.node_config)
+    content = RecordDict({k: v for k, v in msg.content.items() if k != RECORD_KEY_CONFIGS})
+    site, update, sent = _fit(content, config, node, with_sent=True)
+    r, sent = sent.server_round, sent.state
+    clip = clipping_range(config)
+    arrays = []
+    for key in sorted(sent):
+        delta = update.state[key].detach().cpu().double() - sent[key].detach().cpu().double()
+        worst = float(delta.abs().max()) if delta.numel() else 0.0
+        if not worst <= clip:
+            raise ValueError(f"client {node.client_id}, round {r}: its update moves "
+                             f"{key!r} by {worst:.3g}, beyond the SecAgg+ quantiser's range +-{clip:g} (it would be "
+                             f"clipped silently): nothing was sent. Lower the learning rate or the local epochs"
+                             + (", or raise dp-clip-norm" if config.dp == "client" else ""))
+        arrays.append(delta.numpy())
+    metrics = {**reply_metrics(update, node.client_id, config.dp), IMAGE_LIST_DIGEST: site.digest}
+    return Message(fit_reply(arrays, client_weight(config, update.num_examples), metrics), reply_to=msg)
+
+
+def _fit(content: RecordDict, config: Config, node: NodeSettings, with_sent: bool = False):
+    """Check the server's train message, train, log: (site, update[, the checked TrainInstruction])."""
     start = time.perf_counter()
     site = load_site(config, node)
     setup = time.perf_counter() - start
     client = site.client
     own = client.model.state_dict()
-    sent = check_train_message(msg.content, {k: own[k] for k in client.keys}, node.client_id, site.payload,
+    sent = check_train_message(content, {k: own[k] for k in client.keys}, node.client_id, site.payload,
                                pos_weight=config.pos_weight)
     if sent.pos_weight is not None:
         client.pos_weight = sent.pos_weight
     check_trunk(client.model, sent.trunk_digest, node.client_id)
+    if config.dp == "example":   # this process is new: its accountant counts the rounds sampled before this one
+        client.rounds_trained = planned_rounds(config, sent.server_round - 1)[node.client_id]
     start = time.perf_counter()
     update = client.fit(sent.state, round_num=sent.server_round, payload=sent.payload)
-    log.info("client %d, round %d: %d examples, train loss %.4f; fit %.2f s after %.2f s of setup (model, data%s)",
-             node.client_id, sent.server_round, update.num_examples, update.train_loss,
+    log.info("client %d, round %d: %d examples, %s; fit %.2f s after %.2f s of setup (model, data%s)",
+             node.client_id, sent.server_round, update.num_examples,
+             f"epsilon {update.epsilon:.4g}" if update.epsilon is not None else
+             "no loss sent (DP)" if config.dp else f"train loss {update.train_loss:.4f}",
              time.perf_counter() - start, setup, ", caches" if config.image_cache or config.feature_cache else "")
-    return Message(train_reply(update, node.client_id, site.digest), reply_to=msg)
+    return (site, update, sent) if with_sent else (site, update)

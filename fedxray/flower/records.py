@@ -30,6 +30,7 @@ PAYLOAD, EXTRA = "payload", "extra"   # the strategy's tensors: server -> client
 NUM_EXAMPLES, TRAIN_LOSS, CLIENT_ID = "num-examples", "train_loss", "client-id"
 SERVER_ROUND, TRUNK_DIGEST = "server-round", "trunk-digest"
 IMAGE_LIST_DIGEST = "image-list-digest"   # fedxray.checkpoint.image_list_digest of a client's data
+EPSILON = "epsilon"   # under per-patient DP-SGD, the client's epsilon after the round (checked by the server)
 # A client's positives per finding (LABELS order), reported at the query: counts, never images; and
 # the federation's BCE pos_weight the server computes from them and sends with every train message.
 LABEL_COUNTS, POS_WEIGHT = "label-counts", "pos-weight"
@@ -77,14 +78,25 @@ def train_message(state: ArrayRecord, config: ConfigRecord, payload: Mapping[str
     return content
 
 
-def train_reply(update: ClientUpdate, client_id: int, image_digest: str) -> RecordDict:
-    """The content of a client's train reply: its exchanged state, three numbers, the digest of
-    the image list it trained on (so a site whose data changed is caught whatever its node id) and
-    its objective's extra tensors (left out when empty)."""
+def reply_metrics(update: ClientUpdate, client_id: int, dp: Optional[str] = None) -> dict:
+    """The numbers of a client's train reply: client id and example count; the training loss
+    unless the run is differentially private (the guarantee does not cover it); the client's
+    epsilon under per-patient DP-SGD."""
+    out = {NUM_EXAMPLES: int(update.num_examples), CLIENT_ID: int(client_id)}
+    if dp is None:
+        out[TRAIN_LOSS] = float(update.train_loss)
+    if dp == "example":
+        out[EPSILON] = float(update.epsilon)
+    return out
+
+
+def train_reply(update: ClientUpdate, client_id: int, image_digest: str, dp: Optional[str] = None) -> RecordDict:
+    """The content of a client's train reply: its exchanged state, its numbers (reply_metrics),
+    the digest of the image list it trained on (so a site whose data changed is caught whatever
+    its node id) and its objective's extra tensors (left out when empty)."""
     content = RecordDict({
         ARRAYS: to_record(update.state),
-        METRICS: MetricRecord({NUM_EXAMPLES: int(update.num_examples),
-                               TRAIN_LOSS: float(update.train_loss), CLIENT_ID: int(client_id)}),
+        METRICS: MetricRecord(reply_metrics(update, client_id, dp)),
         CONFIG: ConfigRecord({IMAGE_LIST_DIGEST: str(image_digest)}),
     })
     if update.extra:
@@ -204,10 +216,12 @@ def check_query_reply(content: RecordDict, node_id: int, num_clients: int) -> Qu
 
 def check_train_reply(content: RecordDict, *, client_id: int, node_id: int, num_examples: int,
                       image_digest: str, sent: Mapping[str, Tensor], max_steps: int,
-                      payload: Optional[Mapping[str, Tensor]] = None) -> ClientUpdate:
+                      payload: Optional[Mapping[str, Tensor]] = None, dp: Optional[str] = None,
+                      epsilon: Optional[float] = None) -> ClientUpdate:
     """The ClientUpdate of a train reply from the node that holds client_id, after checking it:
     exactly the records and metrics of train_reply; the client id the node answered at the query;
-    the example count and image-list digest it reported then; a loss from 0 to DIVERGED_LOSS; the
+    the example count and image-list digest it reported then; a loss from 0 to DIVERGED_LOSS, or
+    under DP no loss and (per-patient DP-SGD) the epsilon the server expects (check_reply_metrics); the
     keys, shapes and dtypes of the state sent, finite values, and an update within the bounds of
     update_problems; and an "extra" record exactly when the server sent that client a payload, with
     the payload's names, shapes and dtypes and finite values."""
@@ -225,23 +239,7 @@ def check_train_reply(content: RecordDict, *, client_id: int, node_id: int, num_
                            f"run (image-list digest {str(content[CONFIG][IMAGE_LIST_DIGEST])[:12]} vs "
                            f"{image_digest[:12]}): a site's data may not change during a run; restore its folder, "
                            f"or start a new run in another output-dir")
-    metrics = content[METRICS]
-    _keys(metrics, METRICS, {NUM_EXAMPLES, TRAIN_LOSS, CLIENT_ID}, who, remedy)
-    claimed = metrics[CLIENT_ID]
-    if not isinstance(claimed, int) or claimed != client_id:
-        raise MessageError(f"{who}: its reply claims to be client {claimed!r}, but node {node_id} answered the "
-                           f"query as client {client_id}: a SuperNode may speak only for itself; check that "
-                           f"site's fedxray and --node-config client-id")
-    n = metrics[NUM_EXAMPLES]
-    if not isinstance(n, int) or n != num_examples:
-        raise MessageError(f"{who}: its reply weighs {n!r} examples, but it reported {num_examples} usable "
-                           f"examples at the start of the run; FedAvg weighs a client by what it holds. If the "
-                           f"site's data folder changed, restart the run (a resume checks every image list)")
-    loss = metrics[TRAIN_LOSS]
-    if not isinstance(loss, (int, float)) or not math.isfinite(loss) or not 0 <= loss <= DIVERGED_LOSS:
-        raise MessageError(f"{who}: its {TRAIN_LOSS} is {loss!r}, expected a number from 0 to {DIVERGED_LOSS:g} "
-                           f"(a mean binary cross-entropy; fedxray's client stops above that); its training "
-                           f"diverged or its reply is corrupt")
+    loss, eps = check_reply_metrics(content[METRICS], who, client_id, node_id, num_examples, dp, epsilon)
     state = _state(content[ARRAYS], who, remedy)
     problems = state_problems(state, sent)
     if problems:
@@ -262,7 +260,50 @@ def check_train_reply(content: RecordDict, *, client_id: int, node_id: int, num_
                                f"{'; '.join(problems[:3])}. A NaN or infinity means its training diverged (see "
                                f"its log); wrong names, shapes or dtypes mean another strategy or fedxray version: "
                                f"{remedy}, with the same strategy")
-    return ClientUpdate(state=state, num_examples=n, train_loss=loss, client_id=client_id, extra=extra)
+    return ClientUpdate(state=state, num_examples=num_examples, train_loss=loss, client_id=client_id, extra=extra,
+                        epsilon=eps)
+
+
+def check_reply_metrics(metrics: Mapping[str, Any], who: str, client_id: int, node_id: int, num_examples: int,
+                        dp: Optional[str] = None, epsilon: Optional[float] = None) -> tuple[float, Optional[float]]:
+    """The numbers of a train reply (reply_metrics), checked: exactly the keys the run's dp calls
+    for; the client id the node answered at the query; the example count it reported then; a
+    loss from 0 to DIVERGED_LOSS (none under DP: then NaN); under per-patient DP-SGD, the epsilon the
+    server computes for it (epsilon). Returns (loss, epsilon)."""
+    remedy = _SAME_VERSION
+    expected = {NUM_EXAMPLES, CLIENT_ID} | ({TRAIN_LOSS} if dp is None else set()) | \
+        ({EPSILON} if dp == "example" else set())
+    if set(metrics.keys()) != expected:
+        raise MessageError(f"{who}: record {METRICS!r} holds {sorted(metrics.keys())}, expected {sorted(expected)} "
+                           f"(dp={dp!r}: {'no training loss leaves a client under DP' if dp else 'no DP'}); "
+                           f"{remedy}, with the same run config")
+    claimed = metrics[CLIENT_ID]
+    if not isinstance(claimed, int) or claimed != client_id:
+        raise MessageError(f"{who}: its reply claims to be client {claimed!r}, but node {node_id} answered the "
+                           f"query as client {client_id}: a SuperNode may speak only for itself; check that "
+                           f"site's fedxray and --node-config client-id")
+    n = metrics[NUM_EXAMPLES]
+    if not isinstance(n, int) or n != num_examples:
+        raise MessageError(f"{who}: its reply weighs {n!r} examples, but it reported {num_examples} usable "
+                           f"examples at the start of the run; FedAvg weighs a client by what it holds. If the "
+                           f"site's data folder changed, restart the run (a resume checks every image list)")
+    loss = math.nan
+    if dp is None:
+        loss = metrics[TRAIN_LOSS]
+        if not isinstance(loss, (int, float)) or not math.isfinite(loss) or not 0 <= loss <= DIVERGED_LOSS:
+            raise MessageError(f"{who}: its {TRAIN_LOSS} is {loss!r}, expected a number from 0 to {DIVERGED_LOSS:g} "
+                               f"(a mean binary cross-entropy; fedxray's client stops above that); its training "
+                               f"diverged or its reply is corrupt")
+        loss = float(loss)
+    eps = None
+    if dp == "example":
+        eps = metrics[EPSILON]
+        if not isinstance(eps, float) or epsilon is None or not (eps == epsilon or math.isclose(eps, epsilon, rel_tol=1e-9)):
+            raise MessageError(f"{who}: it reports epsilon {eps!r} after this round, but the run's settings and its "
+                               f"{num_examples} examples give {epsilon!r}: its privacy accounting differs from the "
+                               f"server's; {remedy}, with the same run config (dp-*, batch-size, local-epochs, "
+                               f"num-rounds, seed)")
+    return loss, eps
 
 
 @dataclass(frozen=True)

@@ -92,9 +92,16 @@ def check_supported(config: Config) -> None:
     if config.max_images is not None:
         problems.append(f"max_images={config.max_images}: the folders define the data; cap the splits "
                         f"(fedxray.federated.cap_splits) before writing them and leave max-images \"\"")
-    if config.dp is not None:
-        problems.append(f"dp={config.dp!r}: differential privacy runs in-process only so far (fedxray.run_federated); "
-                        f"on Flower it waits for secure aggregation (README, Privacy); leave dp \"\"")
+    if config.dp == "example" and config.dp_delta is None:
+        problems.append("dp='example' with dp-delta \"\": its default comes from the federation's patient count, which "
+                        "no Flower server knows (the sites report images, not patients); set dp-delta, e.g. 1e-5 or "
+                        "below 0.1 / the federation's patients")
+    if config.secagg and config.dp != "client":
+        from ..federated import sample_clients
+        sampled = len(sample_clients(config.num_clients, config.fraction_fit, config.seed, 1))
+        if sampled < 2:
+            problems.append(f"secagg with {sampled} client per round (num-clients={config.num_clients}, fraction-fit="
+                            f"{config.fraction_fit}): a secure sum of one update is that update; sample at least 2")
     if problems:
         raise ValueError("the Flower app does not support " + "; ".join(problems))
 
@@ -109,6 +116,8 @@ def fault_policy(run_config: Mapping[str, Any], config: Config) -> FaultPolicy:
     round-timeout (seconds, absent: DEFAULT_ROUND_TIMEOUT_S), checked against the config."""
     from ..federated import sample_clients
     sampled = len(sample_clients(config.num_clients, config.fraction_fit, config.seed, 1))
+    if config.dp == "client":   # Poisson sampling: any number of clients per round
+        sampled = config.num_clients
     raw = run_config.get("min-replies", "")
     if raw == "":
         min_replies = None

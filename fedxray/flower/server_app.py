@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Optional
 
 import pandas as pd
 from flwr.app import ArrayRecord, ConfigRecord, Context
@@ -18,11 +19,11 @@ from ..checkpoint import (CHECKPOINT, CONFIG, HISTORY, RUN_INFO, CheckpointError
 from ..client import ClientUpdate, DivergenceError
 from ..config import Config
 from ..data import load_nih
-from ..federated import (RUN_LOCK, checked_seconds, checked_state, evaluate, final_rows, read_finished,
+from ..federated import (RUN_LOCK, checked_seconds, checked_state, evaluate, final_rows, privacy_rows, read_finished,
                           restore_selection, restore_strategy)
 from ..selection import BestRound
 from ..io import atomic_write_text, file_lock
-from ..parts import DataSource, RunParts, assemble
+from ..parts import DataSource, RunParts, assemble, privacy_info
 from ..saved_model import FINISHED, finished, save_final
 from .records import TRUNK_DIGEST, to_record, to_state
 from .runconfig import (FaultPolicy, check_supported, config_from_run_config, fault_policy, log_to_flower,
@@ -81,10 +82,14 @@ class ServerRun:
         return FedXrayStrategy(self.config, self.strategy, self.faults, on_train=self.record_train)
 
     # ------------------------------------------------------------------ start or resume
-    def start(self, client_examples: dict[int, int], client_digests: dict[int, str]) -> None:
+    def start(self, client_examples: dict[int, int], client_digests: dict[int, str],
+              dp_specs: Optional[dict] = None) -> None:
         """Resume from output_dir's checkpoint when there is one (checked), else start fresh:
-        config.json and run_info.json (the usable examples of each client), then round 0."""
+        config.json and run_info.json (the usable examples of each client; under per-patient
+        DP-SGD each client's accounting, dp_specs, from the sizes they reported), then round 0."""
         self.info["client_examples"] = [client_examples[k] for k in sorted(client_examples)]
+        if self.config.dp == "example":
+            self.info.update(privacy_info(self.config, self.strategy, [], dp_specs or {}))
         self.inputs.update({f"client_{k}": d for k, d in sorted(client_digests.items())})
         self.output_dir.mkdir(parents=True, exist_ok=True)
         clean_orphans(self.output_dir)
@@ -134,10 +139,12 @@ class ServerRun:
         log.info("%s holds a finished run (%d rounds): nothing to do", self.output_dir, self.round)
 
     # ------------------------------------------------------------------ rounds
-    def run(self, grid: Grid, flower: FedXrayStrategy) -> None:
+    def run(self, grid: Grid, flower: FedXrayStrategy, context: Optional[Context] = None) -> None:
         """The rounds not yet done, then final_model.pt. A failed round (strategy.RoundFailed, or a
         diverged aggregate) stops the run before anything of that round is written, with the
-        strategy's server state as the last checkpoint has it."""
+        strategy's server state as the last checkpoint has it. With secagg each round runs
+        through Flower's SecAgg+ workflow (FedXrayStrategy.train_secure), which needs the
+        ServerApp's context."""
         c = self.config
         if self.done:
             return
@@ -145,10 +152,14 @@ class ServerRun:
         for r in range(self.round + 1, c.num_rounds + 1):
             log.info("[ROUND %d/%d]", r, c.num_rounds)
             self.round_started = time.perf_counter()
-            messages = flower.configure_train(r, to_record(self.global_state), ConfigRecord(dict(settings)), grid)
-            replies = flower.exchange(grid, messages, self.faults.round_timeout)
             before = self.strategy.state_dict()
-            arrays, _ = flower.aggregate_train(r, replies)
+            if c.secagg:
+                arrays, _ = flower.train_secure(r, to_record(self.global_state), ConfigRecord(dict(settings)), grid,
+                                                context)
+            else:
+                messages = flower.configure_train(r, to_record(self.global_state), ConfigRecord(dict(settings)), grid)
+                replies = flower.exchange(grid, messages, self.faults.round_timeout)
+                arrays, _ = flower.aggregate_train(r, replies)
             try:
                 self.evaluate_round(r, arrays)
             except DivergenceError:
@@ -159,11 +170,13 @@ class ServerRun:
         self.save_final()
 
     def record_train(self, r: int, client_ids: list[int], updates: list[ClientUpdate],
-                     dropped: list[Dropped], sent_bytes: list[int]) -> None:
-        """The round's training and communication rows, as FederatedRun writes them (sent_bytes:
-        each message sent, the dropped clients' too), and one row per dropped client (split
-        "comm", metric "dropped_<why>", value 1)."""
-        rows = hist.train_rows(r, client_ids, updates, sent_bytes)
+                     dropped: list[Dropped], sent_bytes: list[int], received_bytes: Optional[int] = None) -> None:
+        """The round's training, privacy and communication rows, as FederatedRun writes them
+        (sent_bytes: each message sent, the dropped clients' too; received_bytes: what SecAgg+
+        received, when the updates hold no state), and one row per dropped client (split "comm",
+        metric "dropped_<why>", value 1)."""
+        rows = hist.train_rows(r, client_ids, updates, sent_bytes, received_bytes)
+        rows += privacy_rows(self.config, self.strategy, r, updates)
         rows += [hist.row(r, "comm", d.client_id, f"dropped_{d.why}", 1.0) for d in dropped]
         self.pending_rows = rows
 
@@ -233,6 +246,6 @@ def main(grid: Grid, context: Context) -> None:
         server = ServerRun(config, paths.val_dir, paths.test_dir, paths.output_dir, faults)
         strategy = server.flower_strategy()
         strategy.connect(grid)
-        server.start(strategy.client_examples, strategy.client_digests)
-        server.run(grid, strategy)
+        server.start(strategy.client_examples, strategy.client_digests, strategy.dp_specs)
+        server.run(grid, strategy, context)
     log.info("fedxray Flower run finished: %s", paths.output_dir)

@@ -18,12 +18,13 @@ from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from ..client import ClientUpdate
 from ..config import Config
-from ..federated import round_clients
+from ..dpsgd import PatientDPSpec, spec_for
+from ..federated import planned_rounds, round_clients
 from ..history import message_bytes
 from ..objectives import pos_weight_from_counts
 from ..strategies import Strategy
-from .records import (POS_WEIGHT, SERVER_ROUND, TRAIN_LOSS, MessageError, QueryAnswer, check_query_reply,
-                      check_train_reply, to_record, to_state, train_message)
+from .records import (IMAGE_LIST_DIGEST, POS_WEIGHT, SERVER_ROUND, TRAIN_LOSS, MessageError, QueryAnswer,
+                      check_query_reply, check_reply_metrics, check_train_reply, to_record, to_state, train_message)
 from .runconfig import FaultPolicy
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,10 @@ DROP_REASONS = {
     "no_reply": "the hospital is down or too slow: check its SuperNode, or raise round-timeout",
     "failed": "its ClientApp raised an error; see that site's SuperNode log",
     "refused": "its reply failed the server's checks",
+    "incomplete": "it did not stay through the four stages of the SecAgg+ round (see its SuperNode log); its "
+                  "update is not in the sum",
+    "alone": "it was the only client sampled under client-level DP with secure aggregation: a secure sum of one "
+             "update is that update, so it was not asked to train and the round added noise only",
 }
 POLL_S = 0.5   # how often the server asks the SuperLink for replies (Flower's send_and_receive: 3 s)
 
@@ -57,8 +62,9 @@ class Dropped:
 
 
 # Called after each round's aggregation with (round, client ids, their updates, dropped clients,
-# the bytes of each message the round sent: one per client sent to, the dropped ones included).
-OnTrain = Callable[[int, list[int], list[ClientUpdate], list[Dropped], list[int]], None]
+# the bytes of each message the round sent: one per client sent to, the dropped ones included,
+# and the bytes received when the updates do not say: under SecAgg+ they hold no state).
+OnTrain = Callable[..., None]   # (round, ids, updates, dropped, sent_bytes, received_bytes=None)
 
 
 class FedXrayStrategy(FlowerStrategy):
@@ -105,6 +111,7 @@ class FedXrayStrategy(FlowerStrategy):
         self.sent_bytes: dict[int, int] = {}        # client id -> bytes of the message sent to it
         self.asked: dict[str, int] = {}             # message id -> client id, this round
         self.offline: list[Dropped] = []            # sampled clients not sent anything
+        self.dp_specs: dict[int, PatientDPSpec] = {}   # per-patient DP-SGD of each client (dp "example")
 
     # ------------------------------------------------------------------ who is who
     def connect(self, grid: Grid) -> dict[int, int]:
@@ -145,6 +152,8 @@ class FedXrayStrategy(FlowerStrategy):
         self.client_examples = {c: answers[n].num_examples for c, n in self.node_of.items()}
         self.client_digests = {c: answers[n].image_list_digest for c, n in self.node_of.items()}
         log.info("clients on nodes: %s; usable examples: %s", self.node_of, self.client_examples)
+        if self.config.dp == "example":   # what each site's accountant must say, from its reported size
+            self.dp_specs = {k: spec_for(self.config, n, self.config.dp_delta) for k, n in self.client_examples.items()}
         if self.config.pos_weight:   # from the counts each client reported: never from images
             weight = pos_weight_from_counts((answers[n].num_examples, answers[n].positives)
                                             for _, n in sorted(self.node_of.items()))
@@ -266,32 +275,153 @@ class FedXrayStrategy(FlowerStrategy):
                         m.content, client_id=k, node_id=m.metadata.src_node_id,
                         num_examples=self.client_examples[k], image_digest=self.client_digests[k],
                         sent=self.sent, payload=self.payloads.get(k, {}),
-                        max_steps=c.local_epochs * math.ceil(self.client_examples[k] / c.batch_size))
+                        max_steps=c.local_epochs * math.ceil(self.client_examples[k] / c.batch_size),
+                        dp=c.dp, epsilon=self.expected_epsilon(k, server_round))
                 except MessageError as e:
                     dropped[k] = Dropped(k, node, "refused", str(e))
         for k in self.chosen:
             if k not in accepted and k not in dropped:
                 dropped[k] = Dropped(k, self.node_of[k], "no_reply", f"no reply within round-timeout="
                                      f"{self.faults.round_timeout:g} s; {DROP_REASONS['no_reply']}")
-        gone = [dropped[k] for k in sorted(dropped)]
-        for d in gone:
-            log.warning("round %d: %s", server_round, d)
-        need = self.faults.required(len(self.chosen))
-        if len(accepted) < need:
-            raise RoundFailed(
-                f"round {server_round}: {len(accepted)} valid replies from the {len(self.chosen)} sampled clients "
-                f"{self.chosen}, min-replies requires {need}; the round is not aggregated and the checkpoint "
-                f"of round {server_round - 1} is kept. Dropped: " + "; ".join(map(str, gone)) +
-                ". Bring those hospitals back (or lower min-replies) and run `flwr run` again with the same "
-                "output-dir: it resumes from that checkpoint.")
+        gone = self._gone(server_round, dropped, len(accepted))
         ids = sorted(accepted)   # the order in which the in-process run hands them over
         updates = [accepted[k] for k in ids]
         state = self.strategy.aggregate(self.sent, updates, server_round)
         if self.on_train is not None:
             self.on_train(server_round, ids, updates, gone, [self.sent_bytes[k] for k in sorted(self.sent_bytes)])
-        n = sum(u.num_examples for u in updates)
-        loss = sum(u.train_loss * u.num_examples for u in updates) / n
-        return to_record(state), MetricRecord({TRAIN_LOSS: loss})
+        return to_record(state), self._loss(updates)
+
+    def expected_epsilon(self, client_id: int, server_round: int) -> Optional[float]:
+        """Under per-patient DP-SGD, client_id's epsilon after server_round: its accountant over the
+        rounds it was sampled for (fedxray.federated.planned_rounds; a round it missed is counted,
+        so the figure is an upper bound); None otherwise."""
+        if self.config.dp != "example":
+            return None
+        return self.dp_specs[client_id].epsilon_after(planned_rounds(self.config, server_round)[client_id])
+
+    def _gone(self, server_round: int, dropped: dict[int, Dropped], valid: int) -> list[Dropped]:
+        """The round's dropped clients (logged), or RoundFailed when fewer than min-replies are valid."""
+        gone = [dropped[k] for k in sorted(dropped)]
+        for d in gone:
+            log.warning("round %d: %s", server_round, d)
+        need = self.faults.required(len(self.chosen))
+        if valid < need:
+            raise RoundFailed(
+                f"round {server_round}: {valid} valid replies from the {len(self.chosen)} sampled clients "
+                f"{self.chosen}, min-replies requires {need}; the round is not aggregated and the checkpoint "
+                f"of round {server_round - 1} is kept. Dropped: " + "; ".join(map(str, gone)) +
+                ". Bring those hospitals back (or lower min-replies) and run `flwr run` again with the same "
+                "output-dir: it resumes from that checkpoint.")
+        return gone
+
+    def _loss(self, updates: Sequence[ClientUpdate]) -> MetricRecord:
+        """The round's example-weighted training loss; none under DP (clients send none) or when no
+        client trained."""
+        reported = [u for u in updates if not math.isnan(u.train_loss)]
+        n = sum(u.num_examples for u in reported)
+        if not n:
+            return MetricRecord({})
+        return MetricRecord({TRAIN_LOSS: sum(u.train_loss * u.num_examples for u in reported) / n})
+
+    # ------------------------------------------------------------------ one round under SecAgg+
+    def train_secure(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+                     context) -> tuple[ArrayRecord, MetricRecord]:
+        """One round with secure aggregation (fedxray.flower.secure): the sampled clients' train
+        messages go out through Flower's SecAgg+ workflow, and the server receives only the
+        weighted mean of their updates (unweighted under client-level DP), which the fedxray
+        strategy turns into the new global state (DP: noise added to the sum, fixed denominator).
+        Each client's clear numbers (client id, digest, count, loss or epsilon) are checked as in a
+        plain round; a client that fails them is already in the sum, so the round fails instead.
+        Clients that drop out during the protocol are left out of the sum by it (up to a third)."""
+        import torch
+        from .secure import aggregated_arrays, client_weight, clipping_range, secure_sum_round
+        c = self.config
+        messages = list(self.configure_train(server_round, arrays, config, grid))
+        by_node = {n: k for k, n in self.node_of.items()}
+        targets = sorted(by_node[m.metadata.dst_node_id] for m in messages)
+        dropped: dict[int, Dropped] = {d.client_id: d for d in self.offline}
+        keys = list(self.sent)
+        if c.dp == "client" and len(self.chosen) < 2 and not self.offline:
+            for k in targets:
+                dropped[k] = Dropped(k, self.node_of[k], "alone", DROP_REASONS["alone"])
+            for d in dropped.values():
+                log.warning("round %d: %s", server_round, d)
+            total = torch.zeros(sum(self.sent[k].numel() for k in keys), dtype=torch.float64)
+            state = self.strategy.aggregate_sum(self.sent, total, server_round)
+            if self.on_train is not None:
+                self.on_train(server_round, [], [], [dropped[k] for k in sorted(dropped)], [], received_bytes=0)
+            return to_record(state), MetricRecord({})
+        if len(targets) < 2:
+            raise RoundFailed(f"round {server_round}: secure aggregation needs at least 2 clients, but only {targets} "
+                              f"of the sampled {self.chosen} are connected; bring the others back and run `flwr run` "
+                              f"again with the same output-dir (it resumes from the checkpoint of round "
+                              f"{server_round - 1})")
+        weights = {k: client_weight(c, self.client_examples[k]) for k in targets}
+        bridge, counting = secure_sum_round(grid, context, server_round, messages, max_weight=max(weights.values()),
+                                            clip=clipping_range(c), timeout=self.faults.round_timeout)
+        if not bridge.called:
+            raise RoundFailed(f"round {server_round}: the SecAgg+ protocol halted: too few of the clients {targets} "
+                              f"stayed through its stages to rebuild the masks (see the SuperLink log); nothing was "
+                              f"aggregated and the checkpoint of round {server_round - 1} is kept. Run `flwr run` "
+                              f"again with the same output-dir once the hospitals are back")
+        accepted: dict[int, ClientUpdate] = {}
+        for proxy, fitres in bridge.results:
+            k = by_node.get(proxy.node_id, -1)
+            who = f"client {k} (node {proxy.node_id})"
+            try:
+                if k not in targets:
+                    raise MessageError(f"node {proxy.node_id}: it answered a SecAgg+ round it was not asked to")
+                metrics = dict(fitres.metrics)
+                digest = metrics.pop(IMAGE_LIST_DIGEST, None)
+                if digest != self.client_digests[k]:
+                    raise MessageError(f"{who}: it trained on other images or labels than it reported at the start "
+                                       f"of the run (image-list digest {str(digest)[:12]}); restore its folder")
+                if fitres.num_examples != weights[k]:
+                    raise MessageError(f"{who}: it weighed its update by {fitres.num_examples!r}, expected "
+                                       f"{weights[k]} ({'1 under client-level DP' if c.dp == 'client' else 'its examples'})")
+                loss, eps = check_reply_metrics(metrics, who, k, proxy.node_id, self.client_examples[k], c.dp,
+                                                self.expected_epsilon(k, server_round))
+            except MessageError as e:
+                raise RoundFailed(f"round {server_round}: {e}. Under secure aggregation its update is already in the "
+                                  f"sum and cannot be left out: nothing was aggregated and the checkpoint of round "
+                                  f"{server_round - 1} is kept") from None
+            accepted[k] = ClientUpdate(state={}, num_examples=self.client_examples[k], train_loss=loss, client_id=k,
+                                       epsilon=eps)
+        for k in targets:
+            if k not in accepted:
+                dropped[k] = Dropped(k, self.node_of[k], "incomplete", DROP_REASONS["incomplete"])
+        gone = self._gone(server_round, dropped, len(accepted))
+        mean = self._secure_mean(server_round, aggregated_arrays(bridge.results[0][1]))
+        ids = sorted(accepted)
+        if c.dp == "client":   # unweighted: the mean times the clients in it is their sum
+            total = torch.cat([mean[k].flatten() for k in keys]) * len(ids)
+            state = self.strategy.aggregate_sum(self.sent, total, server_round)
+        else:
+            averaged = {k: (self.sent[k].to(torch.float64) + mean[k]).to(self.sent[k].dtype) for k in keys}
+            state = self.strategy.aggregate(self.sent, [ClientUpdate(state=averaged, num_examples=1,
+                                                                     train_loss=math.nan)], server_round)
+        updates = [accepted[k] for k in ids]
+        if self.on_train is not None:
+            self.on_train(server_round, ids, updates, gone, [counting.sent], received_bytes=counting.received)
+        return to_record(state), self._loss(updates)
+
+    def _secure_mean(self, server_round: int, arrays: list) -> dict:
+        """The unmasked mean update as tensors by key (the clients send their entries in sorted key
+        order), checked against the global state's shapes and finite."""
+        import torch
+        names = sorted(self.sent)
+        if len(arrays) != len(names):
+            raise RoundFailed(f"round {server_round}: the securely summed update holds {len(arrays)} arrays, expected "
+                              f"{len(names)} (one per exchanged entry): a client runs another fedxray version")
+        out = {}
+        for name, a in zip(names, arrays):
+            t = torch.from_numpy(a.astype("float64"))
+            if tuple(t.shape) != tuple(self.sent[name].shape) or not bool(torch.isfinite(t).all()):
+                raise RoundFailed(f"round {server_round}: the securely summed update's {name!r} has shape "
+                                  f"{tuple(t.shape)} (expected {tuple(self.sent[name].shape)}) or non-finite values: a "
+                                  f"client runs another fedxray version or model")
+            out[name] = t
+        return out
 
     # ------------------------------------------------------------------ no federated evaluation
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
