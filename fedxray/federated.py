@@ -131,6 +131,9 @@ class FederatedRun:
         self.strategy = parts.strategy   # built with the parts, from their config
         self.model, self.clients = parts.model, parts.clients
         self.global_state = parts.initial_state()
+        if self.config.secagg:
+            log.warning("secagg=True in process: the model and aggregation of a Flower SecAgg+ run (GroupNorm, "
+                        "exact sums); there is no network here and nothing is secured")
         self.rows: list[dict] = []
         self.round = 0
         self.seconds = 0.0               # training and evaluation time, summed over resumes

@@ -1,6 +1,7 @@
-"""The Flower driver: hospital folders, run config, aggregation, the ClientApp's reply, and a real
-federation (one SuperLink and two SuperNodes as processes on 127.0.0.1, two strategies run one
-after the other) against the in-process run."""
+"""The Flower driver: hospital folders, run config, aggregation, the ClientApp's reply, and the
+helpers of the real-process tests (a SuperLink and SuperNodes as processes on 127.0.0.1; the
+federation that runs a plain, a SecAgg+ and a DP run one after the other is in
+test_flower_secure.py, the fault tests in test_flower_faults.py)."""
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 import fedxray
-from fedxray import Config, run_federated
+from fedxray import Config
 from fedxray.saved_model import load_final
 from fedxray.flower import (APP_DIR, config_from_run_config, run_config_from_config, write_client_folders,
                             write_nih_folder, write_run_config)
@@ -388,42 +389,6 @@ class Federation:
             if any(Path(part.decode(errors="replace")).name == "flwr-serverapp" for part in cmd[:2]):
                 pids.append(pid)
         return pids
-
-
-@pytest.mark.slow
-def test_flower_deployment_runs_strategies_one_after_the_other_as_in_process(tiny_splits, tmp_path, processes):
-    """One federation (a SuperLink, two SuperNodes), two `flwr run`s one after the other, FedProx
-    (a client-side term) then FedAdam (a server optimizer): each ends as fedxray.run_federated.
-    The app is instrumented (tests/flower_audit.py): the server keeps every fc.weight it receives,
-    and finds each client's trained state there (|r| > 0.999), the positive control of the
-    SecAgg+ test, where the same instrument finds nothing."""
-    from flower_audit import audit_app, largest_correlation
-    need_flower_processes()
-    until = time.monotonic() + 2 * DEADLINE_S
-    parts = _frames(tiny_splits)
-    sites = write_client_folders(parts, tmp_path / "sites")
-    val_dir = write_nih_folder(tiny_splits["val"], tmp_path / "server" / "val")
-    test_dir = write_nih_folder(tiny_splits["test"], tmp_path / "server" / "test")
-    try:
-        audit = tmp_path / "audit"
-        audit.mkdir()
-        federation = Federation(processes, tmp_path, sites, until,
-                                app_dir=audit_app(tmp_path, audit, "fc.weight", 14 * 512))
-        for name in ("fedprox", "fedadam"):
-            config = Config(**TINY, strategy=name)
-            out = tmp_path / f"flower_{name}"
-            overrides = write_run_config(tmp_path / f"run_config_{name}.toml", config, out, val_dir, test_dir)
-            run = federation.run(overrides, f"flwr_run_{name}")
-            # The in-process run with the same seed, partition and client ids, meanwhile.
-            sim = run_federated(config, tiny_splits, tmp_path / f"sim_{name}", client_frames=parts)
-            final = out / "final_model.pt"
-            federation.wait(final.exists, f"{final} is written", run, may_die=("flwr_run",))
-            compare_with_in_process(out, tmp_path / f"sim_{name}", sim.model, rounds=config.num_rounds)
-            assert json.loads((out / "run_info.json").read_text())["strategy"] == name
-            assert largest_correlation(audit, range(2)) > 0.999   # the server holds each update in the clear
-    except BaseException:
-        print(processes.logs())
-        raise
 
 
 def compare_with_in_process(out: Path, sim_dir: Path, sim_model, rounds: int, own_info=()) -> None:

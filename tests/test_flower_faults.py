@@ -828,10 +828,11 @@ def test_a_killed_supernode_is_dropped_and_the_run_completes(folders, tmp_path, 
 def test_a_killed_server_resumes_and_ends_as_the_uninterrupted_run(folders, tiny_splits, tmp_path, processes):
     """Real processes: the ServerApp process is SIGKILLed once round 1's checkpoint is written;
     `flwr run` again with the same output-dir resumes it, and the run ends with the weights and
-    history of fedxray.run_federated in process."""
+    history of fedxray.run_federated in process. FedAdam: its server moments come back from the
+    checkpoint too."""
     need_flower_processes()
     until = time.monotonic() + DEADLINE_S
-    config = Config(**{**TINY, "num_rounds": 3})
+    config = Config(**{**TINY, "num_rounds": 3, "strategy": "fedadam"})
     out = tmp_path / "flower_run"
     overrides = write_run_config(tmp_path / "run_config.toml", config, out, folders["val"], folders["test"])
     try:

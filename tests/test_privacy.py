@@ -366,13 +366,6 @@ def test_parts_prepared_without_dp_are_refused_for_a_dp_config(tiny_splits):
         reuse(parts, Config(**TINY, dp="client", dp_noise_multiplier=1.0))
 
 
-def test_the_flower_app_refuses_dp_for_now():
-    pytest.importorskip("flwr")
-    from fedxray.flower.runconfig import check_supported
-    with pytest.raises(ValueError, match="dp='client'"):
-        check_supported(Config(**TINY, dp="client", dp_noise_multiplier=1.0))
-
-
 def test_private_norm_normalises_each_image_alone_from_the_batchnorm_affine():
     torch.manual_seed(0)
     model = build_model(14, None)
