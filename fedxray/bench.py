@@ -48,6 +48,7 @@ from .model import build_model, exchanged_keys, get_state
 
 NIH_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "nih-sample"
 NIH_TRAIN, NIH_TEST = 86_524, 25_596
+NIH_TEST_PATIENTS = 2_797
 
 
 @dataclass
@@ -72,13 +73,16 @@ class Plan:
     fed_clients: int = 2
     fed_rounds: int = 2
     fed_batch: int = 64
+    boot_images: int = NIH_TEST        # patient bootstrap (fedxray.evaluation): NIH's official test split
+    boot_patients: int = NIH_TEST_PATIENTS
+    boot_replicates: int = 1000
 
 
 PLANS = {
     "smoke": Plan(image_size=64, real_images=4, naive_batch=4, naive_workers=(0,), naive_warmup=1,
                   naive_steps=1, repeats=1, epoch_images=8, batch_size=4, feature_batch_size=4,
                   decode_images=2, sweep=(4,), sweep_images=8, fed_train=16, fed_test=4,
-                  fed_rounds=1, fed_batch=4),
+                  fed_rounds=1, fed_batch=4, boot_images=200, boot_patients=60, boot_replicates=20),
     "quick": Plan(image_size=64, real_images=32, naive_workers=(2,), naive_warmup=2, naive_steps=2,
                   repeats=3, epoch_images=96, decode_images=16, sweep=(16, 64), sweep_images=64),
     "full": Plan(image_size=224, real_images=240, naive_workers=(16, 4), naive_warmup=40, naive_steps=10,
@@ -418,6 +422,7 @@ def run(mode: str, device: torch.device, workdir: Path, data_dir: Optional[Path]
     del features
 
     result["federated"] = federated_run(plan, device, workdir, log)
+    result["bootstrap"] = bootstrap_speed(plan, log)
     result["host_peak_rss_bytes"] = {
         "self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}
@@ -425,6 +430,28 @@ def run(mode: str, device: torch.device, workdir: Path, data_dir: Optional[Path]
     result["speedup_vs_naive"] = {f"{k} vs naive_{plan.naive_workers[0]}w": v["images_per_s"] / naive
                                   for k, v in result["throughput"].items() if not k.startswith("naive")}
     return result
+
+
+def bootstrap_speed(plan: Plan, log: Callable[[str], None]) -> dict:
+    """fedxray.bootstrap_auroc's time on a test set of NIH's official size (images, patients,
+    14 findings at NIH's test prevalence about 5%), random scores; median of plan.repeats calls."""
+    from .evaluation import bootstrap_auroc
+    rng = np.random.default_rng(0)
+    per_patient = np.ones(plan.boot_patients, dtype=int)   # every patient one image, the rest spread at random
+    np.add.at(per_patient, rng.integers(0, plan.boot_patients, plan.boot_images - plan.boot_patients), 1)
+    ids = np.repeat(np.arange(plan.boot_patients), per_patient)
+    y = (rng.random((plan.boot_images, len(LABELS))) < 0.05).astype(np.uint8)
+    scores = rng.random(y.shape) + 0.3 * y
+    times = []
+    for _ in range(max(1, plan.repeats)):
+        t = time.perf_counter()
+        bootstrap_auroc(y, scores, ids, n_boot=plan.boot_replicates, seed=0)
+        times.append(time.perf_counter() - t)
+    out = {"images": plan.boot_images, "patients": plan.boot_patients, "findings": len(LABELS),
+           "replicates": plan.boot_replicates, "seconds": sorted(times)[len(times) // 2], "runs": len(times)}
+    log(f"patient bootstrap: {out['replicates']} replicates of {out['images']} images ({out['patients']} patients): "
+        f"{out['seconds']:.1f} s")
+    return out
 
 
 def federated_run(plan: Plan, device: torch.device, workdir: Path, log: Callable[[str], None]) -> dict:
@@ -488,6 +515,11 @@ def table(result: dict) -> str:
         lines += ["", f"per-patient DP-SGD (Opacus per-image gradients, batch {DP_BATCH}, feature cache): throughput "
                       f"x{t['feature_cache_dp_sgd']['images_per_s'] / t['feature_cache_groupnorm']['images_per_s']:.3f} "
                       f"of the same GroupNorm model without DP"]
+    if "bootstrap" in result:
+        bs = result["bootstrap"]
+        lines += ["", f"patient bootstrap of AUROC (fedxray.bootstrap_auroc, {bs['findings']} findings): "
+                      f"{bs['replicates']} replicates of {bs['images']:,} images ({bs['patients']:,} patients) in "
+                      f"{bs['seconds']:.1f} s (median of {bs['runs']}, CPU)"]
     lines += ["", f"decode one PNG, one core: load_gray {d['load_gray_ms']:.1f} ms, "
                   f"convert('RGB') + resize {d['rgb_resize_ms']:.1f} ms",
               f"image cache build: {1e3 * b['image_cache']['s_per_image']:.2f} ms/image wall over "

@@ -148,6 +148,58 @@ def _parse_age(col: pd.Series, path: Path) -> pd.Series:
     return years
 
 
+# --------------------------------------------------------------------------- bounding boxes
+
+# NIH's box file spells one finding differently from its labels.
+BOX_SPELLINGS = {"Infiltrate": "Infiltration"}
+
+
+def read_boxes(csv_path: str | os.PathLike) -> pd.DataFrame:
+    """NIH's BBox_List_2017.csv as one row per box: image, finding (in LABELS' spelling:
+    "Infiltrate" becomes "Infiltration"), x, y, w, h (floats, pixels of the 1024 x 1024 original;
+    the demo's own box file uses its image size). Accepts the Kaggle header
+    ``Image Index,Finding Label,Bbox [x,y,w,h],,,`` and rows with or without trailing empty
+    fields. A finding that is not one of LABELS, a missing or non-numeric coordinate, a negative
+    corner or a box without area is refused, naming the file, line and value."""
+    import csv
+    path = Path(csv_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"NIH box file not found: {path}. It is BBox_List_2017.csv beside "
+                                f"Data_Entry_2017.csv in the NIH dataset")
+    rows = []
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or [h.strip().lower() for h in header[:2]] != ["image index", "finding label"] \
+                or not any("bbox" in h.lower() for h in header[2:3]):
+            raise DataError(f"{path}: expected the header 'Image Index,Finding Label,Bbox [x,y,w,h]', got "
+                            f"{','.join(header or [])[:120]!r}. Is this NIH's BBox_List_2017.csv?")
+        for line, fields in enumerate(reader, start=2):
+            if not any(x.strip() for x in fields):
+                continue
+            if len(fields) < 6 or any(x.strip() for x in fields[6:]):
+                raise DataError(f"{path}, line {line}: expected image, finding, x, y, w, h (and only empty fields "
+                                f"after), got {','.join(fields)[:120]!r}")
+            image, finding = fields[0].strip(), fields[1].strip()
+            finding = BOX_SPELLINGS.get(finding, finding)
+            if finding not in LABELS:
+                raise DataError(f"{path}, line {line}: finding {fields[1].strip()!r} is not one of the 14 NIH "
+                                f"findings {list(LABELS)} (nor {sorted(BOX_SPELLINGS)})")
+            if not image:
+                raise DataError(f"{path}, line {line}: empty image name")
+            try:
+                x, y, w, h = (float(v) for v in fields[2:6])
+            except ValueError:
+                raise DataError(f"{path}, line {line}: the box {fields[2:6]} is not four numbers") from None
+            if not all(np.isfinite([x, y, w, h])) or x < 0 or y < 0 or w <= 0 or h <= 0:
+                raise DataError(f"{path}, line {line}: the box x={x}, y={y}, w={w}, h={h} needs a corner >= 0 and a "
+                                f"width and height > 0")
+            rows.append((image, finding, x, y, w, h))
+    if not rows:
+        raise DataError(f"{path} has a header but no boxes")
+    return pd.DataFrame(rows, columns=["image", "finding", "x", "y", "w", "h"])
+
+
 def parse_finding_labels(labels: Iterable[str], source: str = "metadata") -> np.ndarray:
     """'A|B' strings -> uint8 matrix [n, 14] in LABELS order. 'No Finding' is all zeros.
 

@@ -100,6 +100,24 @@ def evaluate(parts: RunParts, global_state: dict[str, torch.Tensor], round_num: 
     return rows + hist.metric_rows(round_num, split, hist.GLOBAL, np.mean(all_probs, axis=0), labels)
 
 
+def test_predictions(parts: RunParts, global_state: dict[str, torch.Tensor],
+                     local_states: Optional[dict] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and labels of a trained model on the parts' test set, in the order of
+    parts.splits["test"] (whose patient_id column the bootstrap resamples): the global state, or
+    under FedBN (local_states: client id -> its BatchNorm) the mean of the clients' models, as
+    evaluate scores it. For a saved run: fedxray.saved_model.load_final(path)["state"] and
+    ["local_states"]."""
+    c, model = parts.config, parts.model
+    states = [global_state] if c.bn_policy == "average" or not local_states else \
+        [{**global_state, **s} for _, s in sorted(local_states.items())]
+    probs = []
+    for state in states:
+        model.load_state_dict({k: v.to(parts.device) for k, v in state.items()}, strict=False)
+        p, labels = predict(model, parts.test_data, c.eval_batch_size, parts.device, parts.amp_dtype)
+        probs.append(p)
+    return np.mean(probs, axis=0), labels
+
+
 def final_rows(parts: RunParts, best: BestRound, num_rounds: int, clients: Sequence[Client] = ()) -> list[dict]:
     """What a run adds once its rounds are done: the test rows of the selected round's model (scored
     here, once, unless test_every_round scored every round) and the row naming that round. The

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional
 
 import numpy as np
 import pandas as pd
@@ -214,23 +214,56 @@ def plot_mean_auroc(histories: Mapping[str, pd.DataFrame], title: str = "Mean AU
     return _per_round_axes(fig, ax, "mean AUROC over findings", title)
 
 
-def plot_auroc_bars(table: pd.DataFrame, title: str = "Test AUROC per finding"):
+def plot_auroc_bars(table: pd.DataFrame, title: str = "Test AUROC per finding",
+                    intervals: Optional[Mapping[str, pd.DataFrame]] = None):
     """Grouped bars of a findings x methods table (auroc_table); the legend sits right of the axes,
-    clear of the bars (save_figure keeps it: bbox_inches="tight")."""
+    clear of the bars (save_figure keeps it: bbox_inches="tight"). intervals: method -> its
+    fedxray.bootstrap_auroc table, drawn as error bars (and in the legend) where given."""
     plt = _plt()
     t = table.drop(index="mean", errors="ignore")
+    intervals = dict(intervals or {})
     fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.8 / max(len(t.columns), 1)
     x = np.arange(len(t))
     for i, col in enumerate(t.columns):
         mean = table.loc["mean", col] if "mean" in table.index else np.nan
-        ax.bar(x + (i - (len(t.columns) - 1) / 2) * width, t[col], width, label=f"{col} (mean {mean:.3f})")
+        label = f"{col} (mean {mean:.3f})"
+        yerr = None
+        if col in intervals:
+            ci = intervals[col].reindex(list(t.index) + ["mean"])
+            yerr = np.vstack([(t[col] - ci["lower"].iloc[:-1]).clip(lower=0).to_numpy(),
+                              (ci["upper"].iloc[:-1] - t[col]).clip(lower=0).to_numpy()])
+            label = f"{col} (mean {mean:.3f}, 95% CI {ci['lower'].iloc[-1]:.3f}-{ci['upper'].iloc[-1]:.3f})"
+        ax.bar(x + (i - (len(t.columns) - 1) / 2) * width, t[col], width, label=label, yerr=yerr,
+               error_kw={"elinewidth": 0.8, "capsize": 1.5})
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.set_xticks(x, t.index, rotation=45, ha="right")
     ax.set_ylim(0.3, 1.0)
     ax.set_ylabel("test AUROC")
     ax.set_title(title)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    return fig
+
+
+def plot_reliability(table: pd.DataFrame, title: str = "Reliability (all findings pooled)", ax=None):
+    """A reliability diagram from fedxray.evaluation.reliability: mean predicted probability
+    against the positive rate per bin (marker area by the bin's predictions), the diagonal of a
+    calibrated model, and the expected calibration error in the legend."""
+    plt = _plt()
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(4.8, 4.5))
+    used = table[table["count"] > 0]
+    ece = float((used["count"] / used["count"].sum() * (used["positive_rate"] - used["mean_prob"]).abs()).sum())
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":", label="calibrated")
+    ax.plot(used["mean_prob"], used["positive_rate"], marker="o", lw=1, label=f"model (ECE {ece:.3f})")
+    ax.scatter(used["mean_prob"], used["positive_rate"], s=20 + 200 * used["count"] / used["count"].max(),
+               alpha=0.3)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("mean predicted probability")
+    ax.set_ylabel("observed positive rate")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     return fig
 

@@ -111,6 +111,24 @@ def test_auroc_bars_legend_lies_outside_the_axes():
     assert fig.get_tightbbox().contains(legend.x1 / fig.dpi - 1e-3, legend.y1 / fig.dpi - 1e-3)  # kept when saved
 
 
+def test_auroc_bars_draw_the_bootstrap_intervals_as_error_bars():
+    runs = {"fedavg": _history(auc=0.9), "centralized": _history(auc=0.85)}
+    table = plots.auroc_table(runs)
+    ci = pd.DataFrame({"estimate": table["fedavg"], "lower": table["fedavg"] - 0.05,
+                       "upper": table["fedavg"] + 0.02})
+    fig = plots.plot_auroc_bars(table, intervals={"fedavg": ci})
+    ax = fig.axes[0]
+    bars = [c for c in ax.containers if c.get_label().startswith("fedavg")][0]
+    assert bars.errorbar is not None
+    segments = bars.errorbar.lines[2][0].get_segments()                   # one vertical line per finding
+    assert len(segments) == len(table) - 1
+    spans = sorted({round(float(s[1][1] - s[0][1]), 9) for s in segments if np.isfinite(s).all()})
+    assert spans == [0.07]                                                # 0.05 below + 0.02 above each bar
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any("95% CI" in t for t in labels if t.startswith("fedavg"))
+    assert not any("95% CI" in t for t in labels if t.startswith("centralized"))
+
+
 def _local_only(num_clients=4, rounds=3, seed=0):
     """A local-only history as run_local_only returns it: each client's own val/test rows, no global."""
     rng = np.random.default_rng(seed)
