@@ -356,3 +356,32 @@ def test_secure_round_aggregates_the_unmasked_mean_as_fedxray_and_fails_what_it_
     for key, value in flower.strategy.aggregate(sent, [], r).items():
         assert torch.equal(to_state(arrays)[key], value)
     assert seen[0][0] == [] and [d.why for d in seen[0][1]] == ["alone"]
+
+
+def test_a_site_refuses_an_update_beyond_the_quantisers_range(tiny_splits, tmp_path, monkeypatch):
+    """SecAgg+ quantises each update coordinate within [-c, c] and would clip one beyond it without a
+    word; the site refuses to send it instead, naming the entry, the size and the remedy; within the
+    range it answers in the legacy FitRes form with its update (trained minus global, sorted keys)."""
+    from flwr.app import ConfigRecord, Context, RecordDict
+    from fedxray.flower import client_app, secure
+    from fedxray.flower.records import to_record
+    from fedxray.model import exchanged_keys, get_state, private_norm, trunk_digest
+    dirs = write_client_folders(fedxray.partition(tiny_splits["train"], 2, seed=0), tmp_path / "sites")
+    config = Config(**{**SECURE, "num_clients": 2}, secagg=True)
+    ctx = Context(run_id=1, node_id=2, node_config={"data-dir": str(dirs[0]), "client-id": 0}, state=RecordDict(),
+                  run_config=run_config_from_config(config))
+    torch.manual_seed(config.seed)
+    model = private_norm(fedxray.build_model(14, None))
+    sent = get_state(model, exchanged_keys(model))
+    content = RecordDict({"arrays": to_record(sent),
+                          "config": ConfigRecord({"server-round": 1, "trunk-digest": trunk_digest(model)}),
+                          "secaggplus_configs": ConfigRecord({})})
+    reply = client_app.secure_train(_message(content, "train"), ctx)
+    arrays = [a.numpy() for a in reply.content["fitres.parameters"].values()]
+    assert len(arrays) == len(sent) and reply.content["fitres.num_examples"]["num_examples"] == len(
+        fedxray.load_nih(dirs[0]))
+    assert 0 < max(float(np.abs(a).max()) for a in arrays) <= secure.DEFAULT_CLIPPING_RANGE
+    monkeypatch.setattr(secure, "clipping_range", lambda config: 1e-9)
+    with pytest.raises(ValueError, match=r"client 0, round 1: its update moves '.*' by .* beyond the SecAgg\+ "
+                                         r"quantiser's range \+-1e-09 .* nothing was sent. Lower the learning rate"):
+        client_app.secure_train(_message(content, "train"), ctx)
