@@ -142,10 +142,9 @@ def paired_bootstrap(y_true, score_a, score_b, patient_ids, n_boot: int = 1000, 
     return _table(_point(y, a) - _point(y, b), reps_a - reps_b, names)
 
 
-def expected_calibration_error(y_true, y_prob, n_bins: int = 10) -> np.ndarray:
-    """Expected calibration error of each finding: predicted probabilities in n_bins equal-width
-    bins over [0, 1] (the last one closed), ECE = sum over bins of (images in bin / images) x
-    |positive rate in bin - mean probability in bin|. Shape [findings]."""
+def _binned(y_true, y_prob, n_bins: int):
+    """Labels and probabilities [images, findings] as float arrays, checked, and each probability's
+    bin among n_bins equal-width bins over [0, 1] (the last one closed)."""
     y = np.asarray(y_true, dtype=np.float64)
     p = np.asarray(y_prob, dtype=np.float64)
     if y.shape != p.shape or y.ndim != 2:
@@ -154,7 +153,14 @@ def expected_calibration_error(y_true, y_prob, n_bins: int = 10) -> np.ndarray:
         raise ValueError("y_prob must hold probabilities in [0, 1] (apply the sigmoid to the logits)")
     if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
         raise ValueError(f"n_bins must be an integer >= 1, got {n_bins!r}")
-    bins = np.minimum((p * n_bins).astype(int), n_bins - 1)
+    return y, p, np.minimum((p * n_bins).astype(int), n_bins - 1)
+
+
+def expected_calibration_error(y_true, y_prob, n_bins: int = 10) -> np.ndarray:
+    """Expected calibration error of each finding: predicted probabilities in n_bins equal-width
+    bins over [0, 1] (the last one closed), ECE = sum over bins of (images in bin / images) x
+    |positive rate in bin - mean probability in bin|. Shape [findings]."""
+    y, p, bins = _binned(y_true, y_prob, n_bins)
     out = np.zeros(y.shape[1])
     for j in range(y.shape[1]):
         pos = np.bincount(bins[:, j], weights=y[:, j], minlength=n_bins)
@@ -167,12 +173,9 @@ def reliability(y_true, y_prob, n_bins: int = 10) -> pd.DataFrame:
     """The reliability diagram's table of all predictions pooled (every image and finding): per
     equal-width bin of predicted probability, its images, mean probability and positive rate.
     The ECE of the pooled predictions is sum(count / total x |positive_rate - mean_prob|)."""
-    y = np.asarray(y_true, dtype=np.float64).ravel()
-    p = np.asarray(y_prob, dtype=np.float64).ravel()
-    if y.shape != p.shape:
+    if np.shape(y_true) != np.shape(y_prob):
         raise ValueError(f"y_true and y_prob must have the same shape, got {np.shape(y_true)} and {np.shape(y_prob)}")
-    expected_calibration_error(y[:, None], p[:, None], n_bins)   # (its checks of the inputs)
-    bins = np.minimum((p * n_bins).astype(int), n_bins - 1)
+    y, p, bins = (a.ravel() for a in _binned(np.reshape(y_true, (-1, 1)), np.reshape(y_prob, (-1, 1)), n_bins))
     count = np.bincount(bins, minlength=n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         table = pd.DataFrame({"lower": np.arange(n_bins) / n_bins, "upper": np.arange(1, n_bins + 1) / n_bins,

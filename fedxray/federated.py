@@ -86,18 +86,25 @@ def evaluate(parts: RunParts, global_state: dict[str, torch.Tensor], round_num: 
     data = parts.val_data if split == "val" else parts.test_data
     if len(data) == 0:
         return []
+    fedbn = parts.config.bn_policy != "average" and clients
+    probs, labels = _predict_each(parts, data, global_state, [cl.local_state for cl in clients] if fedbn else [])
+    if not fedbn:
+        return hist.metric_rows(round_num, split, hist.GLOBAL, probs[0], labels)
+    rows = [r for cl, p in zip(clients, probs) for r in hist.metric_rows(round_num, split, cl.client_id, p, labels)]
+    return rows + hist.metric_rows(round_num, split, hist.GLOBAL, np.mean(probs, axis=0), labels)
+
+
+def _predict_each(parts: RunParts, data, global_state: dict[str, torch.Tensor],
+                  local_states: Sequence[dict]) -> tuple[list[np.ndarray], np.ndarray]:
+    """Probabilities on data of the global model, or (local_states given: FedBN) of each client's
+    model, the global weights with its own BatchNorm; and the labels."""
     c, model = parts.config, parts.model
-    if c.bn_policy == "average" or not clients:
-        model.load_state_dict(global_state, strict=False)
+    out, labels = [], None
+    for state in [{**global_state, **s} for s in local_states] or [global_state]:
+        model.load_state_dict(state, strict=False)
         probs, labels = predict(model, data, c.eval_batch_size, parts.device, parts.amp_dtype)
-        return hist.metric_rows(round_num, split, hist.GLOBAL, probs, labels)
-    rows, all_probs = [], []
-    for cl in clients:
-        model.load_state_dict({**global_state, **cl.local_state}, strict=False)
-        probs, labels = predict(model, data, c.eval_batch_size, parts.device, parts.amp_dtype)
-        rows += hist.metric_rows(round_num, split, cl.client_id, probs, labels)
-        all_probs.append(probs)
-    return rows + hist.metric_rows(round_num, split, hist.GLOBAL, np.mean(all_probs, axis=0), labels)
+        out.append(probs)
+    return out, labels
 
 
 def test_predictions(parts: RunParts, global_state: dict[str, torch.Tensor],
@@ -107,14 +114,9 @@ def test_predictions(parts: RunParts, global_state: dict[str, torch.Tensor],
     under FedBN (local_states: client id -> its BatchNorm) the mean of the clients' models, as
     evaluate scores it. For a saved run: fedxray.saved_model.load_final(path)["state"] and
     ["local_states"]."""
-    c, model = parts.config, parts.model
-    states = [global_state] if c.bn_policy == "average" or not local_states else \
-        [{**global_state, **s} for _, s in sorted(local_states.items())]
-    probs = []
-    for state in states:
-        model.load_state_dict({k: v.to(parts.device) for k, v in state.items()}, strict=False)
-        p, labels = predict(model, parts.test_data, c.eval_batch_size, parts.device, parts.amp_dtype)
-        probs.append(p)
+    fedbn = parts.config.bn_policy != "average" and local_states
+    probs, labels = _predict_each(parts, parts.test_data, global_state,
+                                  [s for _, s in sorted(local_states.items())] if fedbn else [])
     return np.mean(probs, axis=0), labels
 
 

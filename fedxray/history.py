@@ -37,6 +37,14 @@ def metric_rows(round_num: int, split: str, client, probs: np.ndarray, labels: n
     return rows
 
 
+def mean_train_loss(updates: Sequence) -> Optional[float]:
+    """The example-weighted mean training loss of the updates that report one (under differential
+    privacy clients report none: NaN); None when none does."""
+    reported = [u for u in updates if not np.isnan(u.train_loss)]
+    n = sum(u.num_examples for u in reported)
+    return sum(u.train_loss * u.num_examples for u in reported) / n if n else None
+
+
 def train_rows(round_num: int, client_ids: Sequence[int], updates: Sequence, sent_bytes: Sequence[int],
                received_bytes: Optional[int] = None) -> list[dict]:
     """A round's training and communication rows: each client's loss and examples, their
@@ -48,9 +56,9 @@ def train_rows(round_num: int, client_ids: Sequence[int], updates: Sequence, sen
     reported = [(k, u) for k, u in zip(client_ids, updates) if not np.isnan(u.train_loss)]
     rows = [row(r, "train", k, "train_loss", u.train_loss) for k, u in reported]
     rows += [row(r, "train", k, "num_examples", u.num_examples) for k, u in zip(client_ids, updates)]
-    n = sum(u.num_examples for _, u in reported)
-    if reported:
-        rows.append(row(r, "train", ALL, "train_loss", sum(u.train_loss * u.num_examples for _, u in reported) / n))
+    loss = mean_train_loss(updates)
+    if loss is not None:
+        rows.append(row(r, "train", ALL, "train_loss", loss))
     rows.append(row(r, "comm", SERVER, "bytes_sent", sum(sent_bytes)))
     if received_bytes is None:   # (under secure aggregation the updates hold no state: it says what came in)
         received_bytes = sum(state_nbytes(u.state) + state_nbytes(u.extra) for u in updates)

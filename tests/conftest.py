@@ -72,25 +72,32 @@ def run_unfinished(config, splits, output_dir, **kwargs):
         return run_federated(config, splits, output_dir, **kwargs)
 
 
-def assert_resume_equals_uninterrupted(cfg, splits, tmp_path, monkeypatch):
+def run_interrupted(cfg, splits, output_dir, at_round: int) -> None:
+    """fedxray.run_federated interrupted (KeyboardInterrupt) as round at_round starts: the
+    checkpoint of round at_round - 1 stays in output_dir."""
+    from fedxray.federated import FederatedRun, run_federated
+    real_round = FederatedRun._round
+
+    def crash(self, r, progress):
+        if r == at_round:
+            raise KeyboardInterrupt("simulated interruption")
+        return real_round(self, r, progress)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FederatedRun, "_round", crash)
+        with pytest.raises(KeyboardInterrupt):
+            run_federated(cfg, splits, output_dir)
+
+
+def assert_resume_equals_uninterrupted(cfg, splits, tmp_path):
     """A run killed in round 3 and resumed ends bitwise where the uninterrupted run ends."""
     import pandas as pd
     import torch
 
     from fedxray.checkpoint import CHECKPOINT, load_checkpoint
-    from fedxray.federated import FederatedRun, run_federated
+    from fedxray.federated import run_federated
     full = run_federated(cfg, splits, tmp_path / "full")
-    real_round = FederatedRun._round
-
-    def crash_in_round_3(self, r, progress):
-        if r == 3:
-            raise KeyboardInterrupt("simulated interruption")
-        return real_round(self, r, progress)
-    monkeypatch.setattr(FederatedRun, "_round", crash_in_round_3)
-    with pytest.raises(KeyboardInterrupt):
-        run_federated(cfg, splits, tmp_path / "resumed")
+    run_interrupted(cfg, splits, tmp_path / "resumed", at_round=3)
     assert load_checkpoint(tmp_path / "resumed" / CHECKPOINT)["round"] == 2
-    monkeypatch.setattr(FederatedRun, "_round", real_round)
     resumed = run_federated(cfg, splits, tmp_path / "resumed")
     pd.testing.assert_frame_equal(full.history, resumed.history)
     a, b = full.model.state_dict(), resumed.model.state_dict()

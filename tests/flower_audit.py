@@ -75,13 +75,13 @@ def main(grid, context):
 _fit = client_side._fit
 
 
-def _audited_fit(content, config, node, with_sent=False):
-    site, update, sent = _fit(content, config, node, with_sent=True)
+def _audited_fit(content, config, node):
+    site, update, sent = _fit(content, config, node)
     key = {key!r}
     np.save(AUDIT / f"client_{{node.client_id}}_update.npy",
             (update.state[key].double() - sent.state[key].double()).numpy().reshape(-1))
     np.save(AUDIT / f"client_{{node.client_id}}_state.npy", update.state[key].double().numpy().reshape(-1))
-    return (site, update, sent) if with_sent else (site, update)
+    return site, update, sent
 
 
 client_side._fit = _audited_fit

@@ -68,8 +68,8 @@ def test_mean_auroc_is_pooled_and_matches_sklearn(tiny_splits, tmp_path):
     assert got == pytest.approx(expected, abs=1e-6)
 
 
-def test_interrupted_run_resumes_to_identical_result(tiny_splits, tmp_path, monkeypatch):
-    assert_resume_equals_uninterrupted(_config(num_rounds=3, fraction_fit=0.5), tiny_splits, tmp_path, monkeypatch)
+def test_interrupted_run_resumes_to_identical_result(tiny_splits, tmp_path):
+    assert_resume_equals_uninterrupted(_config(num_rounds=3, fraction_fit=0.5), tiny_splits, tmp_path)
 
 
 def test_resume_refuses_another_config(tiny_splits, tmp_path):
@@ -207,12 +207,12 @@ def _strategy_config(name, **kw):
 
 
 @pytest.mark.parametrize("name", list(fedxray.STRATEGIES))
-def test_every_strategy_resumes_to_the_uninterrupted_result(name, tiny_splits, tmp_path, monkeypatch):
+def test_every_strategy_resumes_to_the_uninterrupted_result(name, tiny_splits, tmp_path):
     """With client sampling, FedBN and the feature cache on: a run killed after round 2 and resumed
     ends bitwise where the uninterrupted run ends (the strategy's server state is checkpointed)."""
     cfg = _strategy_config(name, num_clients=3, fraction_fit=0.67, num_rounds=3, bn_policy="local",
                            feature_cache=True, cache_dir=str(tmp_path / "cache"), preload=False)
-    assert_resume_equals_uninterrupted(cfg, tiny_splits, tmp_path, monkeypatch)
+    assert_resume_equals_uninterrupted(cfg, tiny_splits, tmp_path)
     info = json.loads((tmp_path / "full" / "run_info.json").read_text())
     assert info["strategy"] == name
 

@@ -112,14 +112,20 @@ def _strategy(states, counts, **config):
     """A fedavg FedXrayStrategy that sent states' shape of zeros to clients 0..n-1 on nodes 10, 11, ..."""
     from fedxray.flower.strategy import FedXrayStrategy
     from fedxray.strategies import make_strategy
-    strategy = FedXrayStrategy(Config(num_clients=len(counts), **config),
-                               make_strategy("fedavg", num_clients=len(counts)))
+    strategy = connected(FedXrayStrategy(Config(num_clients=len(counts), **config),
+                                         make_strategy("fedavg", num_clients=len(counts))), counts)
     strategy.chosen = list(range(len(counts)))
-    strategy.node_of = {k: 10 + k for k in range(len(counts))}
-    strategy.client_examples = dict(enumerate(counts))
-    strategy.client_digests = {k: DIGEST for k in range(len(counts))}
     strategy.sent = {k: torch.zeros_like(v) for k, v in states[0].items()}
     return strategy
+
+
+def connected(flower, counts):
+    """A FedXrayStrategy as connect leaves it: clients 0..n-1 on nodes 10, 11, ..., holding counts
+    examples, each with the image-list digest DIGEST."""
+    flower.node_of = {k: 10 + k for k in range(len(counts))}
+    flower.client_examples = dict(enumerate(counts))
+    flower.client_digests = {k: DIGEST for k in range(len(counts))}
+    return flower
 
 
 def test_flower_fedavg_aggregation_is_fedxray_fedavg():

@@ -19,8 +19,8 @@ from fedxray.flower import APP_DIR, write_client_folders, write_nih_folder, writ
 from fedxray.flower import run_config_from_config
 from fedxray.flower.runconfig import check_supported, fault_policy
 from flower_audit import audit_app, largest_correlation
-from test_flower import (DEADLINE_S, DIGEST, TINY, Federation, _message, need_flower_processes,  # noqa: F401
-                         processes)  # (a fixture)
+from test_flower import (DEADLINE_S, DIGEST, TINY, Federation, _message, connected,  # noqa: F401
+                         need_flower_processes, processes)  # (processes: a fixture)
 
 SECURE = {**TINY, "num_clients": 3, "num_rounds": 1, "select_round": "last"}
 
@@ -157,11 +157,8 @@ def _dp_strategy(counts, **config):
     cfg = Config(**{**SECURE, "num_clients": len(counts)}, dp="client", **config)
     torch.manual_seed(0)
     sent = {"layer4.0.conv1.weight": torch.zeros(4, 3, 3, 3), "fc.bias": torch.zeros(14)}
-    flower = FedXrayStrategy(cfg, strategy_for(cfg, fedxray.build_model(14, None)))
+    flower = connected(FedXrayStrategy(cfg, strategy_for(cfg, fedxray.build_model(14, None))), counts)
     flower.chosen = list(range(len(counts)))
-    flower.node_of = {k: 10 + k for k in range(len(counts))}
-    flower.client_examples = dict(enumerate(counts))
-    flower.client_digests = {k: DIGEST for k in range(len(counts))}
     flower.sent = sent
     return flower
 
@@ -264,10 +261,7 @@ def _secure_strategy(monkeypatch, counts, updates, sent, tamper=None, halted=Fal
     from fedxray.flower.strategy import FedXrayStrategy
     from fedxray.parts import strategy_for
     cfg = Config(**{**SECURE, "num_clients": len(counts)}, secagg=True, **config)
-    flower = FedXrayStrategy(cfg, strategy_for(cfg, fedxray.build_model(14, None)))
-    flower.node_of = {k: 10 + k for k in range(len(counts))}
-    flower.client_examples = dict(enumerate(counts))
-    flower.client_digests = {k: DIGEST for k in range(len(counts))}
+    flower = connected(FedXrayStrategy(cfg, strategy_for(cfg, fedxray.build_model(14, None))), counts)
     weights = [secure.client_weight(cfg, n) for n in counts]
     keys = sorted(sent)
     mean = [sum(w * (u.state[k].double() - sent[k].double()) for w, u in zip(weights, updates)).numpy() / sum(weights)

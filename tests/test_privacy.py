@@ -352,9 +352,9 @@ def test_target_epsilon_is_met_by_each_client_under_dp_sgd(tiny_splits, tmp_path
         assert eps[2] == pytest.approx(info["final_epsilon"][k])
 
 
-def test_dp_sgd_run_resumes_with_each_clients_accountant(tiny_splits, tmp_path, monkeypatch):
+def test_dp_sgd_run_resumes_with_each_clients_accountant(tiny_splits, tmp_path):
     cfg = Config(**{**TINY, "num_rounds": 3}, dp="example", dp_noise_multiplier=1.0, fraction_fit=0.5)
-    assert_resume_equals_uninterrupted(cfg, tiny_splits, tmp_path, monkeypatch)   # epsilon rows included
+    assert_resume_equals_uninterrupted(cfg, tiny_splits, tmp_path)   # epsilon rows included
     h = pd.read_csv(tmp_path / "resumed" / "history.csv")
     assert len(h[h.split == "privacy"]) == 3                          # one trained client a round
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import fedxray
+from conftest import run_interrupted
 from fedxray import Config, history as hist, run_federated
-from fedxray.federated import CHECKPOINT, FederatedRun
+from fedxray.federated import CHECKPOINT
 from fedxray.checkpoint import load_checkpoint
 from fedxray.plots import final_test_auroc
 from fedxray.runs import _scores
@@ -108,21 +109,11 @@ def test_rule_last_reports_the_last_round(tiny_splits, tmp_path, scripted_valida
     assert reported_round(h) == 4 and sorted(set(hist.select(h, "test")["round"])) == [4]
 
 
-def test_a_resumed_run_keeps_the_best_round_it_saw_before_the_stop(tiny_splits, tmp_path, scripted_validation,
-                                                                  monkeypatch):
+def test_a_resumed_run_keeps_the_best_round_it_saw_before_the_stop(tiny_splits, tmp_path, scripted_validation):
     full = run_federated(_config(), tiny_splits, tmp_path / "full")
-    real_round = FederatedRun._round
-
-    def crash_in_round_4(self, r, progress):
-        if r == 4:
-            raise KeyboardInterrupt("simulated interruption")
-        return real_round(self, r, progress)
-    monkeypatch.setattr(FederatedRun, "_round", crash_in_round_4)
-    with pytest.raises(KeyboardInterrupt):
-        run_federated(_config(), tiny_splits, tmp_path / "resumed")
+    run_interrupted(_config(), tiny_splits, tmp_path / "resumed", at_round=4)
     saved = load_checkpoint(tmp_path / "resumed" / CHECKPOINT)["extra"]["best"]
     assert saved["round"] == 2 and saved["global_state"]              # round 3 is current: round 2's state kept
-    monkeypatch.setattr(FederatedRun, "_round", real_round)
     resumed = run_federated(_config(), tiny_splits, tmp_path / "resumed")
     pd.testing.assert_frame_equal(full.history, resumed.history)
     assert _same(full.model.state_dict(), resumed.model.state_dict())

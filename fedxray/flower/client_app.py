@@ -133,7 +133,7 @@ def train(msg: Message, context: Context) -> Message:
                                f"but the server's train message is not a SecAgg+ stage; {_SAME_RUN}")
         return secaggplus_mod(msg, context, secure_train)
     node = node_settings(context.node_config)
-    site, update = _fit(msg.content, config, node)
+    site, update, _ = _fit(msg.content, config, node)
     return Message(train_reply(update, node.client_id, site.digest, config.dp), reply_to=msg)
 
 
@@ -147,7 +147,7 @@ def secure_train(msg: Message, context: Context) -> Message:
     config = config_from_run_config(context.run_config)
     node = node_settings(context.node_config)
     content = RecordDict({k: v for k, v in msg.content.items() if k != RECORD_KEY_CONFIGS})
-    site, update, sent = _fit(content, config, node, with_sent=True)
+    site, update, sent = _fit(content, config, node)
     r, sent = sent.server_round, sent.state
     clip = clipping_range(config)
     arrays = []
@@ -164,8 +164,8 @@ def secure_train(msg: Message, context: Context) -> Message:
     return Message(fit_reply(arrays, client_weight(config, update.num_examples), metrics), reply_to=msg)
 
 
-def _fit(content: RecordDict, config: Config, node: NodeSettings, with_sent: bool = False):
-    """Check the server's train message, train, log: (site, update[, the checked TrainInstruction])."""
+def _fit(content: RecordDict, config: Config, node: NodeSettings):
+    """Check the server's train message, train, log: (site, update, the checked TrainInstruction)."""
     start = time.perf_counter()
     site = load_site(config, node)
     setup = time.perf_counter() - start
@@ -185,4 +185,4 @@ def _fit(content: RecordDict, config: Config, node: NodeSettings, with_sent: boo
              f"epsilon {update.epsilon:.4g}" if update.epsilon is not None else
              "no loss sent (DP)" if config.dp else f"train loss {update.train_loss:.4f}",
              time.perf_counter() - start, setup, ", caches" if config.image_cache or config.feature_cache else "")
-    return (site, update, sent) if with_sent else (site, update)
+    return site, update, sent

@@ -97,13 +97,21 @@ def check_supported(config: Config) -> None:
                         "no Flower server knows (the sites report images, not patients); set dp-delta, e.g. 1e-5 or "
                         "below 0.1 / the federation's patients")
     if config.secagg and config.dp != "client":
-        from ..federated import sample_clients
-        sampled = len(sample_clients(config.num_clients, config.fraction_fit, config.seed, 1))
+        sampled = most_sampled(config)
         if sampled < 2:
             problems.append(f"secagg with {sampled} client per round (num-clients={config.num_clients}, fraction-fit="
                             f"{config.fraction_fit}): a secure sum of one update is that update; sample at least 2")
     if problems:
         raise ValueError("the Flower app does not support " + "; ".join(problems))
+
+
+def most_sampled(config: Config) -> int:
+    """The most clients a round samples: fedxray.federated.sample_clients' fixed number, or every
+    client under client-level DP (Poisson sampling: any number per round)."""
+    if config.dp == "client":
+        return config.num_clients
+    from ..federated import sample_clients
+    return len(sample_clients(config.num_clients, config.fraction_fit, config.seed, 1))
 
 
 def run_config_from_config(config: Config) -> dict[str, Any]:
@@ -114,10 +122,7 @@ def run_config_from_config(config: Config) -> dict[str, Any]:
 def fault_policy(run_config: Mapping[str, Any], config: Config) -> FaultPolicy:
     """The run's FaultPolicy from min-replies ("" or absent: every sampled client) and
     round-timeout (seconds, absent: DEFAULT_ROUND_TIMEOUT_S), checked against the config."""
-    from ..federated import sample_clients
-    sampled = len(sample_clients(config.num_clients, config.fraction_fit, config.seed, 1))
-    if config.dp == "client":   # Poisson sampling: any number of clients per round
-        sampled = config.num_clients
+    sampled = most_sampled(config)
     raw = run_config.get("min-replies", "")
     if raw == "":
         min_replies = None

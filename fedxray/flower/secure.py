@@ -31,7 +31,7 @@ import math
 from typing import Sequence
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import Code, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
@@ -205,7 +205,6 @@ def secure_sum_round(grid: Grid, context: Context, server_round: int, messages: 
     bridge.nodes = sorted(contents)
     legacy = LegacyContext(context, strategy=bridge)
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: int(server_round)})
-    from flwr.app import ArrayRecord
     legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
     workflow = _Workflow(contents, num_shares=NUM_SHARES, reconstruction_threshold=RECONSTRUCTION_THRESHOLD,
                          max_weight=float(max_weight), clipping_range=float(clip),

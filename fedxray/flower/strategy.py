@@ -20,7 +20,7 @@ from ..client import ClientUpdate
 from ..config import Config
 from ..dpsgd import PatientDPSpec, spec_for
 from ..federated import planned_rounds, round_clients
-from ..history import message_bytes
+from ..history import mean_train_loss, message_bytes
 from ..objectives import pos_weight_from_counts
 from ..strategies import Strategy
 from .records import (IMAGE_LIST_DIGEST, POS_WEIGHT, SERVER_ROUND, TRAIN_LOSS, MessageError, QueryAnswer,
@@ -317,11 +317,8 @@ class FedXrayStrategy(FlowerStrategy):
     def _loss(self, updates: Sequence[ClientUpdate]) -> MetricRecord:
         """The round's example-weighted training loss; none under DP (clients send none) or when no
         client trained."""
-        reported = [u for u in updates if not math.isnan(u.train_loss)]
-        n = sum(u.num_examples for u in reported)
-        if not n:
-            return MetricRecord({})
-        return MetricRecord({TRAIN_LOSS: sum(u.train_loss * u.num_examples for u in reported) / n})
+        loss = mean_train_loss(updates)
+        return MetricRecord({} if loss is None else {TRAIN_LOSS: loss})
 
     # ------------------------------------------------------------------ one round under SecAgg+
     def train_secure(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
