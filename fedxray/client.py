@@ -12,7 +12,7 @@ from torch.utils.data import Dataset, default_collate
 
 from .data import LABELS, DataError
 from .device import DivergenceError, autocast, batches, forward_of, is_feature_data, place_model, to_input
-from .model import bn_keys, exchanged_keys, get_state
+from .model import bn_keys, exchanged_keys, get_state, local_keys_of
 from .dpsgd import PatientDPSGD, PatientDPSpec, patient_codes, per_example_bce, poisson_patient_batches, spec_for
 from .objectives import Objective
 from .privacy import clipped_state
@@ -88,13 +88,14 @@ class Client:
 
     fit() loads the global weights into the (reused) model, trains local_epochs with a fresh
     optimizer and returns a ClientUpdate. All its randomness derives from (seed, round, client_id),
-    so a client trains the same whatever order or process it runs in. With bn_policy="local"
-    (FedBN) layer4's BatchNorm entries never leave the client and persist between its rounds.
+    so a client trains the same whatever order or process it runs in. The entries local_keys names
+    (fedxray.model.LOCAL_KEY_GROUPS: "bn" = FedBN, "fc" = FedPer) never leave the client and persist
+    between its rounds, in local_state.
     """
 
     def __init__(self, client_id: int, dataset: Dataset, model: nn.Module, *, local_epochs: int = 1,
                  batch_size: int = 32, lr: float = 1e-3, optimizer: str = "adam", momentum: float = 0.9,
-                 weight_decay: float = 0.0, seed: int = 0, bn_policy: str = "average",
+                 weight_decay: float = 0.0, seed: int = 0, local_keys: str = "",
                  device: torch.device | str = "cpu", amp_dtype: Optional[torch.dtype] = None,
                  num_workers: int = 0, objective: Optional[Objective] = None,
                  augment: Optional[Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = None,
@@ -110,7 +111,7 @@ class Client:
         self.batch_size = batch_size
         self.lr, self.optimizer, self.momentum, self.weight_decay = lr, optimizer, momentum, weight_decay
         self.seed = seed
-        self.bn_policy = bn_policy
+        self.local_keys = local_keys
         self.device = torch.device(device)
         self.amp_dtype = amp_dtype
         self.num_workers = num_workers
@@ -130,19 +131,19 @@ class Client:
         if augment is not None and is_feature_data(dataset):
             raise ValueError(f"client {client_id}: augmentation needs images, but its dataset holds cached trunk "
                              f"features (fixed outputs of the trunk): turn off feature_cache or augment")
-        self.keys = exchanged_keys(model, bn_policy)
+        self.keys = exchanged_keys(model, local_keys)
         # Privacy: per-patient DP-SGD (dp_sgd), or the L2 bound of the update sent (clip_update, the
         # client's part of client-level DP). Either way no training loss is reported.
         if dp_sgd is not None and clip_update is not None:
             raise ValueError(f"client {client_id}: dp_sgd and clip_update are the two DP modes: choose one")
-        if (dp_sgd is not None or clip_update is not None) and (bn_policy != "average" or bn_keys(model)):
+        if (dp_sgd is not None or clip_update is not None) and bn_keys(model):
             raise ValueError(f"client {client_id}: differential privacy needs layer4's BatchNorm replaced "
-                             f"(fedxray.model.private_norm) and bn_policy 'average'")
+                             f"(fedxray.model.private_norm)")
         self.dp_sgd, self.clip_update = dp_sgd, clip_update
         self.dp_codes = patient_codes(dataset) if dp_sgd is not None else None
         self.rounds_trained = 0   # rounds this client trained in, for its accountant
-        # FedBN: this client's own layer4 BatchNorm state, starting from the model's initial one.
-        self.local_state = get_state(model, bn_keys(model)) if bn_policy == "local" else {}
+        # The entries that stay here (FedBN's BatchNorm, FedPer's head), starting from the model as built.
+        self.local_state = get_state(model, local_keys_of(model, local_keys))
 
     @classmethod
     def from_config(cls, client_id: int, dataset: Dataset, model: nn.Module, config, device: torch.device,
@@ -164,7 +165,7 @@ class Client:
         from .augment import Augmentation
         return cls(client_id, dataset, model, local_epochs=c.local_epochs, batch_size=c.batch_size, lr=c.lr,
                    optimizer=c.optimizer, momentum=c.momentum, weight_decay=c.weight_decay, seed=c.seed,
-                   bn_policy=c.bn_policy, device=device,
+                   local_keys=c.local_keys, device=device,
                    amp_dtype=None if c.dp == "example" else c.resolve_amp(device),
                    num_workers=c.num_workers, objective=objective,
                    augment=Augmentation() if c.augment else None, lr_schedule=c.lr_schedule,

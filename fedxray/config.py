@@ -14,7 +14,7 @@ import torch
 from .client import LR_SCHEDULES, OPTIMIZERS
 from .device import AMP_MODES
 from .features import FEATURE_DTYPES as _FEATURE_DTYPES
-from .model import BN_POLICIES
+from .model import local_groups
 from .partition import SCHEMES as PARTITIONS
 from .privacy import MODES as DP_MODES
 from .selection import SELECT_ROUNDS
@@ -32,6 +32,9 @@ STRATEGY_FIELDS = ("proximal_mu", "server_learning_rate", "server_momentum", "et
 # weights saw; PNGs decoded once into the image cache; test AUROC only after the last round
 # (25,596 test images). Demo: small images and cached trunk features, so that the notebook with
 # its two baselines runs in minutes on a CPU; its test set is small enough to score every round.
+# The field local_keys replaced, and what each of its values means in the new one.
+LEGACY_BN_POLICY = {"average": "", "local": "bn"}
+
 DATASET_DEFAULTS = {
     "nih": {"image_size": 224, "num_rounds": 10, "test_every_round": False,
             "image_cache": True, "feature_cache": False},
@@ -140,6 +143,12 @@ class Config:
         Fewest training images a client may hold, >= 0; drawn again or refused as
         min_client_patients. The default 1 holds wherever min_client_patients 1 does (every
         patient has an image).
+    site_test_fraction : float, default 0.0
+        Share of each client's patients held out as that site's own test set ("site test"), in
+        [0, 1): drawn from the site's patients after partitioning (so each site's test looks like
+        the site), never trained on, scored once with the reported model of every run
+        (history splits "site_0", "site_1", ...; fedxray.crosssite.eval_matrix). 0 = none. In
+        process only.
     max_images : int or None, default None
         Cap on the training images, for quick runs: >= 1, taken as whole patients in a seeded
         order (validation and test shrink by the same ratio); None = no cap.
@@ -189,10 +198,15 @@ class Config:
         Initial ResNet-34 weights: "auto" (torchvision's ImageNet weights, else the .pth named by
         $FEDXRAY_WEIGHTS, else random with a loud warning), "imagenet", a path to a .pth file, or
         None (random). run_info.json records what was used.
-    bn_policy : str, default 'average'
-        layer4's BatchNorm: "average" (exchanged and averaged with the weights) or "local" (FedBN:
-        each client keeps its own statistics and affine parameters). The frozen trunk's
-        BatchNorm never moves.
+    local_keys : str, default ''
+        Which of layer4 + fc stay on each client instead of travelling (personalization;
+        fedxray.model.LOCAL_KEY_GROUPS): "" (nothing: one global model), "bn" (FedBN, Li et al.
+        2021: layer4's BatchNorm statistics and affine parameters), "fc" (FedPer, Arivazhagan et
+        al. 2019: the head; only layer4 travels) or "bn,fc". Each client's kept entries persist
+        between its rounds and are saved with the run; each client is scored with its own model
+        (the global weights plus its kept entries) and the "global" rows average the clients'
+        predictions. The frozen trunk's BatchNorm never moves. Replaces bn_policy ("average" = "",
+        "local" = "bn"; older config files are read with the new name). In process only.
 
     Privacy (fedxray.privacy, fedxray.dpsgd; README "Privacy"). Needs Opacus (pip install
     'opacus>=1.5'). With dp set, layer4's BatchNorm is replaced by GroupNorm (a BatchNorm in
@@ -309,6 +323,7 @@ class Config:
     balanced_sizes: bool = False
     min_client_patients: int = 1
     min_client_images: int = 1
+    site_test_fraction: float = 0.0
     max_images: Optional[int] = None
     augment: bool = False
     preload: bool = False
@@ -324,7 +339,7 @@ class Config:
     beta: Optional[float] = None
     # Model
     weights: Optional[str] = "auto"
-    bn_policy: str = "average"
+    local_keys: str = ""
     # Privacy
     dp: Optional[str] = None
     dp_noise_multiplier: Optional[float] = None
@@ -371,7 +386,12 @@ class Config:
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         need(self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}")
-        need(self.bn_policy in BN_POLICIES, f"bn_policy must be one of {BN_POLICIES}, got {self.bn_policy!r}")
+        try:
+            local_groups(self.local_keys)
+        except ValueError as e:
+            need(False, str(e))
+        need(_is_number(self.site_test_fraction) and 0 <= self.site_test_fraction < 1,
+             f"site_test_fraction must be a number in [0, 1), got {self.site_test_fraction!r}")
         need(self.feature_dtype in FEATURE_DTYPES,
              f"feature_dtype must be one of {FEATURE_DTYPES}, got {self.feature_dtype!r}")
         need(self.partition in PARTITIONS, f"partition must be one of {PARTITIONS}, got {self.partition!r}")
@@ -427,9 +447,9 @@ class Config:
         if self.pos_weight:
             out.append("pos_weight=True with dp: each client's label counts would leave it unprotected; set "
                        "pos_weight=False")
-        if self.bn_policy != "average":
-            out.append(f"bn_policy={self.bn_policy!r} with dp: under DP layer4's BatchNorm is a GroupNorm (no "
-                       f"statistics to keep local); set bn_policy='average'")
+        if "bn" in str(self.local_keys).split(","):
+            out.append(f"local_keys={self.local_keys!r} with dp: under DP layer4's BatchNorm is a GroupNorm (no "
+                       f"statistics to keep local); leave 'bn' out of local_keys")
         if self.dp == "client" and self.strategy in ("median", "trimmed_mean", "scaffold"):
             why = ("its clients send control variates besides their clipped update" if self.strategy == "scaffold"
                    else "its aggregate is not a sum of updates, so noise calibrated to one update's bound does not "
@@ -453,9 +473,9 @@ class Config:
                    else "its aggregate needs each client's update, which secure aggregation hides")
             out.append(f"strategy={self.strategy!r} with secagg: {why}; use fedavg, fedprox, fedavgm or the FedOpt "
                        f"family")
-        if self.bn_policy != "average":
-            out.append(f"bn_policy={self.bn_policy!r} with secagg: under secagg layer4's BatchNorm is a GroupNorm; set "
-                       f"bn_policy='average'")
+        if "bn" in str(self.local_keys).split(","):
+            out.append(f"local_keys={self.local_keys!r} with secagg: under secagg layer4's BatchNorm is a GroupNorm; "
+                       f"leave 'bn' out of local_keys")
         return out
 
     @property
@@ -496,6 +516,14 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
+        """A Config from a saved config.json; fields added since it was written take their default,
+        and bn_policy (before local_keys) is read as local_keys ("average" = "", "local" = "bn")."""
+        d = dict(d)
+        if "bn_policy" in d and "local_keys" not in d:
+            old = d.pop("bn_policy")
+            if old not in LEGACY_BN_POLICY:
+                raise ValueError(f"Config: bn_policy {old!r} is none of {sorted(LEGACY_BN_POLICY)}")
+            d["local_keys"] = LEGACY_BN_POLICY[old]
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -4,6 +4,7 @@ run's parts (data, caches, model, clients) come ready-made from fedxray.parts; t
 local-only baselines run the same loop over the same parts."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -17,7 +18,7 @@ import torch
 
 from . import history as hist
 from .checkpoint import (CHECKPOINT, CONFIG, HISTORY, RUN_INFO, CheckpointError, check_resume, clean_orphans,
-                         is_seconds, load_checkpoint, restore_rng, save_checkpoint)
+                         is_seconds, load_checkpoint, payload_digest, restore_rng, save_checkpoint)
 from .client import Client, derive_seed
 from .config import Config
 from .device import DivergenceError, predict
@@ -80,15 +81,16 @@ def privacy_rows(config: Config, strategy: Strategy, round_num: int, updates: Se
 
 def evaluate(parts: RunParts, global_state: dict[str, torch.Tensor], round_num: int, split: str,
              clients: Sequence[Client] = ()) -> list[dict]:
-    """History rows of the global model on val or test. Under FedBN (clients given, each with its
-    own BatchNorm state) every client's model (global weights + its BatchNorm) is evaluated, and the
-    global row is their averaged prediction."""
-    data = parts.val_data if split == "val" else parts.test_data
+    """History rows of the global model on val, test or a site's test (hist.site_split). Under
+    personalization (config.local_keys; clients given, each with its own kept entries) every
+    client's model (global weights + its own entries) is evaluated, and the global row is their
+    averaged prediction."""
+    data = parts.eval_data(split)
     if len(data) == 0:
         return []
-    fedbn = parts.config.bn_policy != "average" and clients
-    probs, labels = _predict_each(parts, data, global_state, [cl.local_state for cl in clients] if fedbn else [])
-    if not fedbn:
+    personal = bool(parts.config.local_keys) and clients
+    probs, labels = _predict_each(parts, data, global_state, [cl.local_state for cl in clients] if personal else [])
+    if not personal:
         return hist.metric_rows(round_num, split, hist.GLOBAL, probs[0], labels)
     rows = [r for cl, p in zip(clients, probs) for r in hist.metric_rows(round_num, split, cl.client_id, p, labels)]
     return rows + hist.metric_rows(round_num, split, hist.GLOBAL, np.mean(probs, axis=0), labels)
@@ -96,8 +98,8 @@ def evaluate(parts: RunParts, global_state: dict[str, torch.Tensor], round_num: 
 
 def _predict_each(parts: RunParts, data, global_state: dict[str, torch.Tensor],
                   local_states: Sequence[dict]) -> tuple[list[np.ndarray], np.ndarray]:
-    """Probabilities on data of the global model, or (local_states given: FedBN) of each client's
-    model, the global weights with its own BatchNorm; and the labels."""
+    """Probabilities on data of the global model, or (local_states given: personalization) of each
+    client's model, the global weights with its own kept entries; and the labels."""
     c, model = parts.config, parts.model
     out, labels = [], None
     for state in [{**global_state, **s} for s in local_states] or [global_state]:
@@ -111,23 +113,26 @@ def test_predictions(parts: RunParts, global_state: dict[str, torch.Tensor],
                      local_states: Optional[dict] = None) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities and labels of a trained model on the parts' test set, in the order of
     parts.splits["test"] (whose patient_id column the bootstrap resamples): the global state, or
-    under FedBN (local_states: client id -> its BatchNorm) the mean of the clients' models, as
-    evaluate scores it. For a saved run: fedxray.saved_model.load_final(path)["state"] and
-    ["local_states"]."""
-    fedbn = parts.config.bn_policy != "average" and local_states
+    under personalization (local_states: client id -> its kept entries) the mean of the clients'
+    models, as evaluate scores it. For a saved run: fedxray.saved_model.load_final(path)["state"]
+    and ["local_states"]."""
+    personal = bool(parts.config.local_keys) and local_states
     probs, labels = _predict_each(parts, parts.test_data, global_state,
-                                  [s for _, s in sorted(local_states.items())] if fedbn else [])
+                                  [s for _, s in sorted(local_states.items())] if personal else [])
     return np.mean(probs, axis=0), labels
 
 
 def final_rows(parts: RunParts, best: BestRound, num_rounds: int, clients: Sequence[Client] = ()) -> list[dict]:
     """What a run adds once its rounds are done: the test rows of the selected round's model (scored
-    here, once, unless test_every_round scored every round) and the row naming that round. The
-    clients take the selected round's local states (FedBN), which the final model saves."""
+    here, once, unless test_every_round scored every round), its rows on each site's own test
+    (config.site_test_fraction; once, whatever test_every_round) and the row naming that round. The
+    clients take the selected round's local states (personalization), which the final model saves."""
     for cl in clients:
         cl.local_state = {k: v.to(cl.local_state[k].device) for k, v in best.local_states.get(cl.client_id, {}).items()} \
             if cl.local_state else {}
     rows = [] if parts.config.test_every_round else evaluate(parts, best.global_state, best.round, "test", clients)
+    for k in range(len(parts.site_tests)):
+        rows += evaluate(parts, best.global_state, best.round, hist.site_split(k), clients)
     return rows + [best.row(num_rounds)]
 
 
@@ -139,10 +144,13 @@ class FederatedRun:
     replaces it (fedxray.saved_model): final_model.pt with what was trained, or final_result.pt
     when keep_model is False (the local-only clients). Running it again then trains nothing.
     trunk_dir: where a random trunk is stored once (default: output_dir's parent's trunks/).
-    name: the progress bar's label (default: the strategy)."""
+    name: the progress bar's label (default: the strategy).
+    start_state: the global state round 1 starts from (default: the parts' initial state), e.g. a
+    trained model to fine-tune; it is one of the run's inputs (a resume from another is refused)."""
 
     def __init__(self, parts: RunParts, output_dir: str | Path, keep_model: bool = True,
-                 trunk_dir: Optional[str | Path] = None, name: Optional[str] = None):
+                 trunk_dir: Optional[str | Path] = None, name: Optional[str] = None,
+                 start_state: Optional[dict[str, torch.Tensor]] = None):
         self.parts = parts
         self.config = parts.config
         self.output_dir = Path(output_dir)
@@ -150,7 +158,12 @@ class FederatedRun:
         self.name = name or parts.config.strategy
         self.strategy = parts.strategy   # built with the parts, from their config
         self.model, self.clients = parts.model, parts.clients
-        self.global_state = parts.initial_state()
+        self.start_state = None
+        if start_state is not None:
+            initial = parts.initial_state()
+            self.start_state = checked_state({k: v.detach().cpu() for k, v in start_state.items()},
+                                             initial, Path(output_dir), "the start state")
+        self.global_state = self.start_state if self.start_state is not None else parts.initial_state()
         if self.config.secagg:
             log.warning("secagg=True in process: the model and aggregation of a Flower SecAgg+ run (GroupNorm, "
                         "exact sums); there is no network here and nothing is secured")
@@ -159,6 +172,8 @@ class FederatedRun:
         self.seconds = 0.0               # training and evaluation time, summed over resumes
         self.best = BestRound(self.config.select_round)   # the round reported, tested and saved
         self.inputs = parts.inputs()
+        if self.start_state is not None:
+            self.inputs["start_state"] = payload_digest(self.start_state)
         self.info = parts.info()
 
     @property
@@ -219,6 +234,7 @@ class FederatedRun:
         self.config.save(self.output_dir / CONFIG)
         self.strategy.reset()   # parts reused by a second run must not carry the first run's server state
         self.best = BestRound(self.config.select_round)
+        self.global_state = {k: v.clone() for k, v in (self.start_state or self.parts.initial_state()).items()}
         atomic_write_text(self.output_dir / RUN_INFO, json.dumps(self.info, indent=2) + "\n")
         t0 = time.perf_counter()
         self.rows = self.evaluate(0, "val")
@@ -404,17 +420,46 @@ def run_local_only(config: Config, splits: dict[str, pd.DataFrame], output_dir: 
                    resume: bool = True, parts: Optional[RunParts] = None, keep_models: bool = False,
                    trunk_dir: Optional[str | Path] = None) -> pd.DataFrame:
     """The local-only baseline: each client trains alone on its partition (the federated run's),
-    evaluated on the same val and test sets. Returns the combined history with 'client' naming the
-    client whose model was evaluated. Each client's run keeps only its history (final_result.pt),
-    unless keep_models."""
+    evaluated on the same val and test sets (and every site's test). Returns the combined history
+    with 'client' naming the client whose model was evaluated. Each client's run keeps only its
+    history (final_result.pt), unless keep_models."""
+    parts = reuse(parts, config) if parts is not None else prepare(config, splits)
+    return _each_client(lambda k: local_only(parts, k), len(parts.client_frames), output_dir, resume, keep_models,
+                        trunk_dir, "local-only", "a local-only baseline")
+
+
+def run_finetuned(config: Config, splits: dict[str, pd.DataFrame], output_dir: str | Path,
+                  start_state: dict[str, torch.Tensor], epochs: int = 1, resume: bool = True,
+                  parts: Optional[RunParts] = None, keep_models: bool = False,
+                  trunk_dir: Optional[str | Path] = None) -> pd.DataFrame:
+    """Personalization by local fine-tuning: each client trains the federated model (start_state,
+    e.g. FedAvg's final state) alone on its own training patients for `epochs` passes (one round
+    of config's local training with local_epochs=epochs: a fresh optimizer, the same lr), and the
+    result is scored on val, test and every site's test. Returns the combined history as
+    run_local_only does ('client' = the client whose fine-tuned model was evaluated; round 0 is the
+    federated model before fine-tuning)."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"fine-tuning epochs must be an integer >= 1, got {epochs!r}")
+    if config.local_keys:
+        raise ValueError(f"run_finetuned fine-tunes one global model; config.local_keys={config.local_keys!r} "
+                         f"is personalized already (each client has its own model)")
+    parts = reuse(parts, config) if parts is not None else prepare(config, splits)
+    tuned = dataclasses.replace(config, num_rounds=1, local_epochs=epochs, lr_schedule="constant")
+    return _each_client(lambda k: local_only(parts, k, tuned), len(parts.client_frames), output_dir, resume,
+                        keep_models, trunk_dir, "fine-tuned", "fine-tuning", start_state)
+
+
+def _each_client(parts_of, num_clients: int, output_dir: str | Path, resume: bool, keep_models: bool,
+                 trunk_dir, label: str, purpose: str, start_state: Optional[dict] = None) -> pd.DataFrame:
+    """One single-client run per client in output_dir/client_<k> (parts_of(k): its parts), and
+    their combined history (the global rows, i.e. that client's model, and its training size)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    with file_lock(output_dir / RUN_LOCK, wait=False, purpose=f"a local-only baseline in {output_dir}"):
-        parts = reuse(parts, config) if parts is not None else prepare(config, splits)
+    with file_lock(output_dir / RUN_LOCK, wait=False, purpose=f"{purpose} in {output_dir}"):
         frames = []
-        for k in range(len(parts.client_frames)):
-            run = FederatedRun(local_only(parts, k), output_dir / f"client_{k}", keep_model=keep_models,
-                               trunk_dir=trunk_dir, name=f"local-only client {k}")
+        for k in range(num_clients):
+            run = FederatedRun(parts_of(k), output_dir / f"client_{k}", keep_model=keep_models,
+                               trunk_dir=trunk_dir, name=f"{label} client {k}", start_state=start_state)
             h = run.run(resume=resume).history
             # The global model's rows (this client's model) and the client's training-set size (its
             # weight in local_only_table's size-weighted mean).

@@ -18,6 +18,16 @@ COLUMNS = ["round", "split", "client", "metric", "value"]
 # mean of the clients' training losses, and the server's communication counts.
 GLOBAL, ALL, SERVER = "global", "all", "server"
 SPLITS = ("train", "val", "test", "comm", "privacy")
+# Site k's own held-out test patients (Config.site_test_fraction) are split "site_<k>".
+SITE = "site_"
+
+
+def site_split(k: int) -> str:
+    return f"{SITE}{int(k)}"
+
+
+def is_site_split(split: str) -> bool:
+    return isinstance(split, str) and split.startswith(SITE) and split[len(SITE):].isdigit()
 
 
 def row(round_num: int, split: str, client, metric: str, value: float) -> dict:
@@ -105,7 +115,7 @@ def read(path) -> pd.DataFrame:
         raise ValueError(f"{path}: column 'round' must hold integers >= 0")
     if not pd.api.types.is_numeric_dtype(h["value"]):
         raise ValueError(f"{path}: column 'value' must be numeric")
-    unknown = sorted(set(h["split"]) - set(SPLITS))
+    unknown = sorted(s for s in set(h["split"]) - set(SPLITS) if not is_site_split(s))
     if unknown:
-        raise ValueError(f"{path}: unknown split(s) {unknown[:3]}; expected {SPLITS}")
+        raise ValueError(f"{path}: unknown split(s) {unknown[:3]}; expected {SPLITS} or {SITE}<k>")
     return h

@@ -21,9 +21,10 @@ log = logging.getLogger(__name__)
 EXCHANGED_PREFIXES: tuple[str, ...] = ("layer4.", "fc.")
 TRUNK: tuple[str, ...] = ("conv1", "bn1", "layer1", "layer2", "layer3")
 WEIGHTS_ENV = "FEDXRAY_WEIGHTS"
-# layer4's BatchNorm: "average" (exchanged and averaged with the weights) or "local" (FedBN, Li et al.
-# 2021: each client keeps its own statistics and affine parameters).
-BN_POLICIES = ("average", "local")
+# Which of the exchanged entries stay on each client (Config.local_keys): comma-separated groups, ""
+# = none (FedAvg). "bn": layer4's BatchNorm, statistics and affine parameters (FedBN, Li et al. 2021);
+# "fc": the classification head (FedPer, Arivazhagan et al. 2019: only layer4 travels).
+LOCAL_KEY_GROUPS = ("bn", "fc")
 
 
 class ChestXrayResNet(ResNet):
@@ -106,16 +107,38 @@ class _Copy(nn.Module):
         return x.clone()
 
 
-def exchanged_keys(model: nn.Module, bn_policy: str = "average") -> list[str]:
-    """Names of the parameters and buffers that travel: everything under EXCHANGED_PREFIXES,
-    less layer4's BatchNorm entries when bn_policy == "local" (FedBN)."""
-    keys = [k for k in model.state_dict() if k.startswith(EXCHANGED_PREFIXES)]
-    if bn_policy == "local":
-        local = set(bn_keys(model))
-        keys = [k for k in keys if k not in local]
-    elif bn_policy not in BN_POLICIES:
-        raise ValueError(f"bn_policy must be one of {BN_POLICIES} ('local' = FedBN), got {bn_policy!r}")
+def local_groups(local_keys: str) -> tuple[str, ...]:
+    """The groups named by a Config.local_keys value ("" -> (), "bn,fc" -> ("bn", "fc")); ValueError
+    for an unknown, repeated or unordered group (one spelling per setting, so one run folder)."""
+    if not isinstance(local_keys, str):
+        raise ValueError(f"local_keys must be a string of groups from {LOCAL_KEY_GROUPS}, e.g. 'bn' or 'bn,fc', "
+                         f"got {local_keys!r}")
+    groups = tuple(g for g in local_keys.split(",")) if local_keys else ()
+    unknown = [g for g in groups if g not in LOCAL_KEY_GROUPS]
+    if unknown:
+        raise ValueError(f"local_keys {local_keys!r}: unknown group {unknown[0]!r}; the groups are "
+                         f"{LOCAL_KEY_GROUPS} ('bn' = FedBN, 'fc' = FedPer), comma-separated, '' = none")
+    canonical = ",".join(g for g in LOCAL_KEY_GROUPS if g in groups)
+    if local_keys != canonical:
+        raise ValueError(f"local_keys {local_keys!r}: write it {canonical!r} (each group once, in the order "
+                         f"{LOCAL_KEY_GROUPS}, no spaces)")
+    return groups
+
+
+def local_keys_of(model: nn.Module, local_keys: str = "") -> list[str]:
+    """State keys that stay on each client under local_keys (see LOCAL_KEY_GROUPS)."""
+    groups = local_groups(local_keys)
+    keys = bn_keys(model) if "bn" in groups else []
+    if "fc" in groups:
+        keys += [k for k in model.state_dict() if k.startswith("fc.")]
     return keys
+
+
+def exchanged_keys(model: nn.Module, local_keys: str = "") -> list[str]:
+    """Names of the parameters and buffers that travel: everything under EXCHANGED_PREFIXES, less
+    the entries local_keys keeps on each client."""
+    local = set(local_keys_of(model, local_keys))
+    return [k for k in model.state_dict() if k.startswith(EXCHANGED_PREFIXES) and k not in local]
 
 
 def bn_keys(model: nn.Module) -> list[str]:

@@ -163,6 +163,42 @@ def partition(train: pd.DataFrame, num_clients: int, scheme: str = "iid", alpha:
     return parts
 
 
+def hold_out_site_tests(parts: list[pd.DataFrame], fraction: float, seed: int
+                        ) -> tuple[list[pd.DataFrame], list[pd.DataFrame]]:
+    """Each client's own test patients ("site test"): a share `fraction` of its patients, drawn
+    stratified by their class (rarest finding, as the Dirichlet schemes draw), so each site's test
+    mirrors the site's own finding mix, whatever scheme made the site. Returns (the clients' training
+    tables without them, the site tests), in the clients' order and row order; whole patients only,
+    so no patient is in two places. fraction 0 holds out nothing (empty site tests). A client keeps
+    at least one training patient, and one too small to spare a test patient keeps an empty site
+    test (both logged as a WARNING naming the client)."""
+    if not (isinstance(fraction, numbers.Real) and 0 <= fraction < 1):
+        raise ValueError(f"site_test_fraction must be a number in [0, 1), got {fraction!r}")
+    train, tests = [], []
+    for k, frame in enumerate(parts):
+        pids = np.unique(frame["patient_id"].to_numpy())
+        held = np.zeros(len(pids), dtype=bool)
+        if fraction > 0 and len(pids):
+            rng = np.random.default_rng([int(seed), k, 0x5173])
+            # Systematic sampling over patients ordered by class (shuffled within it): every class
+            # gives floor or ceil of its share, and the site gives round(fraction * patients) or one off.
+            order = np.lexsort((rng.random(len(pids)), _primary_class(frame, pids)))
+            start = rng.random()
+            steps = np.floor(start + fraction * np.arange(len(pids) + 1))
+            held[order[np.diff(steps) > 0]] = True
+        if held.all() and len(pids):   # a site trains on at least one patient
+            held[order[np.flatnonzero(np.diff(steps) > 0)[-1]]] = False
+            log.warning("client %d holds %d patient(s): site_test_fraction=%s would leave it none to train on; one "
+                        "is kept for training", k, len(pids), fraction)
+        if fraction > 0 and not held.any():
+            log.warning("client %d holds %d patient(s): too few for a site test at site_test_fraction=%s; its site "
+                        "test is empty", k, len(pids), fraction)
+        in_test = frame["patient_id"].isin(pids[held]).to_numpy()
+        train.append(frame[~in_test].reset_index(drop=True))
+        tests.append(frame[in_test].reset_index(drop=True))
+    return train, tests
+
+
 def client_finding_table(parts: list[pd.DataFrame]) -> pd.DataFrame:
     """Clients x (images, patients, positive images per finding in LABELS order, "No Finding",
     the number of findings without a positive image on that client)."""

@@ -24,7 +24,8 @@ from .features import FeatureCache, build_feature_cache
 from .model import (ChestXrayResNet, buffer_keys, build_model, exchanged_keys, private_norm, get_state,
                     trunk_digest)
 from .objectives import label_counts, pos_weight_from_counts
-from .partition import partition
+from .history import is_site_split
+from .partition import hold_out_site_tests, partition
 from .privacy import ClientLevelDP, client_spec, default_delta
 from .strategies import Strategy, make_strategy
 
@@ -143,7 +144,8 @@ def client_partition(config: Config, splits: dict[str, pd.DataFrame],
                      ) -> tuple[dict[str, pd.DataFrame], list[pd.DataFrame], DataSource]:
     """The capped splits and the clients' tables exactly as a run will use them (images that cannot
     be decoded left out before partitioning), and the data source that serves them. Builds the image
-    cache when the config asks for one; builds no model."""
+    cache when the config asks for one; builds no model. The clients' tables still hold their site
+    test patients (see site_tests)."""
     c = config
     capped = cap_splits(splits, c.max_images, c.seed)
     source = DataSource(c, [*capped.values(), *(client_frames or [])])
@@ -158,6 +160,14 @@ def client_partition(config: Config, splits: dict[str, pd.DataFrame],
     if len(client_frames) != c.num_clients:
         raise ValueError(f"{len(client_frames)} client tables given for num_clients={c.num_clients}")
     return capped, list(client_frames), source
+
+
+def site_tests(config: Config, client_frames: Sequence[pd.DataFrame]) -> tuple[list[pd.DataFrame], list[pd.DataFrame]]:
+    """(each client's training table, each site's own test table): config.site_test_fraction of every
+    client's patients held out (fedxray.partition.hold_out_site_tests); no site tests at 0."""
+    if not config.site_test_fraction:
+        return list(client_frames), []
+    return hold_out_site_tests(list(client_frames), config.site_test_fraction, config.seed)
 
 
 @dataclass
@@ -176,10 +186,21 @@ class RunParts:
     test_data: object
     strategy: Strategy
     clients: list[Client] = field(default_factory=list)
+    site_tests: list[pd.DataFrame] = field(default_factory=list)   # site k's own test patients (split site_k)
+    site_test_data: list = field(default_factory=list)
 
     @property
     def keys(self) -> list[str]:
-        return exchanged_keys(self.model, self.config.bn_policy)
+        return exchanged_keys(self.model, self.config.local_keys)
+
+    def eval_data(self, split: str):
+        """The dataset of an evaluation split: "val", "test" or a site's test ("site_<k>")."""
+        if split in ("val", "test"):
+            return self.val_data if split == "val" else self.test_data
+        if is_site_split(split) and int(split.split("_")[1]) < len(self.site_test_data):
+            return self.site_test_data[int(split.split("_")[1])]
+        raise ValueError(f"no evaluation split {split!r} in these parts: 'val', 'test' or "
+                         f"site_0..site_{len(self.site_test_data) - 1} (config.site_test_fraction)")
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         """The global state every run of these parts starts from (the exchanged entries as built)."""
@@ -190,12 +211,15 @@ class RunParts:
         resume whose inputs differ is refused."""
         return {"trunk": trunk_digest(self.model), "val": image_list_digest(self.splits["val"]),
                 "test": image_list_digest(self.splits["test"]),
-                **{f"client_{k}": image_list_digest(f) for k, f in enumerate(self.client_frames)}}
+                **{f"client_{k}": image_list_digest(f) for k, f in enumerate(self.client_frames)},
+                **{f"site_test_{k}": image_list_digest(f) for k, f in enumerate(self.site_tests)}}
 
     def info(self) -> dict:
         return {**run_info(self.model, self.device, self.amp_dtype, self.initial_state(), self.strategy,
                            client_examples=[len(cl.dataset) for cl in self.clients],
-                           val_examples=len(self.val_data), test_examples=len(self.test_data)),
+                           val_examples=len(self.val_data), test_examples=len(self.test_data),
+                           **({"site_test_examples": [len(d) for d in self.site_test_data]}
+                              if self.site_test_data else {})),
                 **self.source.info(), **privacy_info(self.config, self.strategy, self.clients)}
 
     def with_clients(self, config: Config, client_frames: Sequence[pd.DataFrame]) -> "RunParts":
@@ -267,30 +291,33 @@ def prepare(config: Config, splits: dict[str, pd.DataFrame],
     """Build a run's parts once: capped splits, caches, the partition (or the given client_frames),
     the model, cached features when asked, the strategy and one Client per table."""
     capped, frames, source = client_partition(config, splits, client_frames)
-    return assemble(config, capped, frames, source)
+    frames, tests = site_tests(config, frames)
+    return assemble(config, capped, frames, source, tests)
 
 
 def assemble(config: Config, splits: dict[str, pd.DataFrame], client_frames: Sequence[pd.DataFrame],
-             source: DataSource) -> RunParts:
+             source: DataSource, site_test_frames: Sequence[pd.DataFrame] = ()) -> RunParts:
     """RunParts over tables already usable in source: the seeded model, cached features of val,
-    test and every client's images when asked, the strategy and one Client per table (none for the
-    Flower server, whose clients are the hospitals)."""
+    test, every client's images and every site test when asked, the strategy and one Client per
+    table (none for the Flower server, whose clients are the hospitals)."""
     c = config
     device = c.resolve_device()
     amp_dtype = c.resolve_amp(device)
     model = model_for(c, device)
-    source.compute_features(model, [splits["val"], splits["test"], *client_frames], device, amp_dtype)
+    source.compute_features(model, [splits["val"], splits["test"], *client_frames, *site_test_frames], device,
+                            amp_dtype)
     parts = RunParts(config=c, device=device, amp_dtype=amp_dtype, splits=dict(splits), client_frames=[],
-                     source=source, model=model, initial=get_state(model, exchanged_keys(model, "average")),
+                     source=source, model=model, initial=get_state(model, exchanged_keys(model)),
                      val_data=source.dataset(splits["val"]), test_data=source.dataset(splits["test"]),
-                     strategy=strategy_for(c, model))
+                     strategy=strategy_for(c, model), site_tests=list(site_test_frames),
+                     site_test_data=[source.dataset(f) for f in site_test_frames])
     return parts.with_clients(c, client_frames)
 
 
 # The fields that shape a run's parts (data, caches, partition, model); the others (strategy, local
 # training, rounds, sampling) may differ between runs over the same parts.
 SETUP_FIELDS = ("num_clients", "image_size", "partition", "alpha", "partition_column", "min_client_patients",
-                "min_client_images", "balanced_sizes", "max_images", "preload",
+                "min_client_images", "balanced_sizes", "site_test_fraction", "max_images", "preload",
                 "weights", "seed", "image_cache", "feature_cache", "feature_dtype", "cache_dir", "device", "amp",
                 "eval_batch_size", "num_workers", "progress")
 
@@ -335,6 +362,7 @@ def centralized(parts: RunParts) -> RunParts:
     return parts.with_clients(baseline_config(parts.config), [frame])
 
 
-def local_only(parts: RunParts, client_id: int) -> RunParts:
-    """The local-only baseline of one client: it trains alone on its own partition."""
-    return parts.with_clients(baseline_config(parts.config), [parts.client_frames[client_id]])
+def local_only(parts: RunParts, client_id: int, config: Optional[Config] = None) -> RunParts:
+    """The local-only baseline of one client: it trains alone on its own partition (with config's
+    local training, default the parts'; e.g. fine-tuning's)."""
+    return parts.with_clients(baseline_config(config or parts.config), [parts.client_frames[client_id]])

@@ -139,7 +139,8 @@ def load_model(path: str | os.PathLike, client: Optional[int] = None, weights: O
     The trunk is rebuilt from the weights the run used (or `weights`, e.g. the ImageNet file's
     path on this machine) and must have the digest the run recorded; else a stored trunk
     (`trunk`, or trunks/trunk-<digest>.pt in the file's folder or up to three folders above) is used.
-    client: under FedBN (bn_policy "local"), whose BatchNorm to use (default: the global model's).
+    client: under personalization (local_keys "bn", "fc"), whose kept entries to use (default: the
+        global model's).
     """
     path = Path(path)
     if path.resolve() in _LOADING:

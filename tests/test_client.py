@@ -134,8 +134,8 @@ def test_client_training_is_independent_of_order(train_ds):
 
 def test_fedbn_keeps_layer4_batchnorm_local(train_ds):
     model = _model()
-    keys = exchanged_keys(model, "local")
-    client = Client(0, train_ds, model, batch_size=8, bn_policy="local")
+    keys = exchanged_keys(model, "bn")
+    client = Client(0, train_ds, model, batch_size=8, local_keys="bn")
     initial_bn = dict(client.local_state)
     update = client.fit(get_state(model, keys), round_num=1)
     assert not set(update.state) & set(bn_keys(model))

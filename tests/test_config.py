@@ -10,7 +10,7 @@ import pytest
 from fedxray.config import (DATASET_DEFAULTS, FEATURE_DTYPES, RUNTIME_FIELDS, STRATEGY_FIELDS, Config)
 from fedxray.client import OPTIMIZERS
 from fedxray.device import AMP_MODES
-from fedxray.model import BN_POLICIES
+from fedxray.model import LOCAL_KEY_GROUPS
 from fedxray.partition import SCHEMES
 from fedxray.strategies import STRATEGIES
 
@@ -73,7 +73,7 @@ def test_the_introduction_names_the_rules_of_construction():
 
 
 @pytest.mark.parametrize("name, allowed", [("optimizer", OPTIMIZERS), ("amp", AMP_MODES),
-                                           ("bn_policy", BN_POLICIES), ("feature_dtype", FEATURE_DTYPES),
+                                           ("local_keys", LOCAL_KEY_GROUPS), ("feature_dtype", FEATURE_DTYPES),
                                            ("partition", SCHEMES), ("strategy", tuple(STRATEGIES))])
 def test_entry_lists_every_allowed_value(name, allowed):
     _, description = doc_entries()[name]
@@ -116,3 +116,25 @@ def test_partition_size_fields_are_checked(fields, message):
         Config(**fields)
     valid = Config(min_client_patients=0, min_client_images=500, balanced_sizes=True, partition="dirichlet")
     assert Config.from_dict(valid.to_dict()) == valid
+
+
+def test_local_keys_takes_each_group_once_in_one_spelling():
+    assert Config(local_keys="bn,fc").local_keys == "bn,fc"
+    for bad, message in (("fc,bn", "write it 'bn,fc'"), ("bn,bn", "write it 'bn'"), ("head", "unknown group 'head'"),
+                         (" fc", "unknown group ' fc'"), (None, "must be a string")):
+        with pytest.raises(ValueError, match=message):
+            Config(local_keys=bad)
+
+
+def test_a_config_file_written_with_bn_policy_is_read_as_local_keys():
+    old = {k: v for k, v in Config().to_dict().items() if k not in ("local_keys", "site_test_fraction")}
+    assert Config.from_dict({**old, "bn_policy": "local"}) == Config(local_keys="bn")
+    assert Config.from_dict({**old, "bn_policy": "average"}) == Config()
+    with pytest.raises(ValueError, match="bn_policy 'both' is none of"):
+        Config.from_dict({**old, "bn_policy": "both"})
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, "0.2", True])
+def test_site_test_fraction_must_lie_in_zero_to_one(value):
+    with pytest.raises(ValueError, match="site_test_fraction must be a number in"):
+        Config(site_test_fraction=value)

@@ -125,7 +125,7 @@ def test_local_only_baseline_evaluates_each_client_on_the_same_test_set(tiny_spl
 
 
 def test_fedbn_evaluates_each_clients_model(tiny_splits, tmp_path):
-    res = run_federated(_config(num_rounds=1, bn_policy="local"), tiny_splits, tmp_path)
+    res = run_federated(_config(num_rounds=1, local_keys="bn"), tiny_splits, tmp_path)
     h = res.history
     r1 = h[(h.split == "val") & (h.metric == "mean_auroc") & (h["round"] == 1)]
     assert sorted(r1.client) == ["0", "1", "global"]
@@ -208,9 +208,10 @@ def _strategy_config(name, **kw):
 
 @pytest.mark.parametrize("name", list(fedxray.STRATEGIES))
 def test_every_strategy_resumes_to_the_uninterrupted_result(name, tiny_splits, tmp_path):
-    """With client sampling, FedBN and the feature cache on: a run killed after round 2 and resumed
-    ends bitwise where the uninterrupted run ends (the strategy's server state is checkpointed)."""
-    cfg = _strategy_config(name, num_clients=3, fraction_fit=0.67, num_rounds=3, bn_policy="local",
+    """With client sampling, personalization (FedBN's BatchNorm and FedPer's head kept local) and the
+    feature cache on: a run killed after round 2 and resumed ends bitwise where the uninterrupted run
+    ends (the strategy's server state and each client's kept entries are checkpointed)."""
+    cfg = _strategy_config(name, num_clients=3, fraction_fit=0.67, num_rounds=3, local_keys="bn,fc",
                            feature_cache=True, cache_dir=str(tmp_path / "cache"), preload=False)
     assert_resume_equals_uninterrupted(cfg, tiny_splits, tmp_path)
     info = json.loads((tmp_path / "full" / "run_info.json").read_text())

@@ -210,8 +210,11 @@ def test_server_refuses_what_the_flower_app_cannot_do(tiny_splits, tmp_path):
     from fedxray.flower.server_app import ServerRun
 
     val = write_nih_folder(tiny_splits["val"], tmp_path / "val")
-    with pytest.raises(ValueError, match="FedBN"):
-        ServerRun(Config(**TINY, bn_policy="local"), val, val, tmp_path / "out")
+    for local in ("bn", "fc"):
+        with pytest.raises(ValueError, match="local-keys='.*' \\(personalization\\)"):
+            ServerRun(Config(**TINY, local_keys=local), val, val, tmp_path / "out")
+    with pytest.raises(ValueError, match="site-test-fraction"):
+        ServerRun(Config(**TINY, site_test_fraction=0.2), val, val, tmp_path / "out")
     with pytest.raises(ValueError, match="max_images"):
         ServerRun(Config(**TINY, max_images=10), val, val, tmp_path / "out")
 

@@ -7,7 +7,7 @@ import pytest
 
 from fedxray import Config
 from fedxray.data import LABELS, NO_FINDING, read_metadata, split_by_patient
-from fedxray.partition import (MAX_DRAWS, ZERO_POSITIVES, client_finding_table, label_skew, partition,
+from fedxray.partition import (MAX_DRAWS, ZERO_POSITIVES, client_finding_table, hold_out_site_tests, label_skew, partition,
                                zero_positive_findings)
 from fedxray.parts import client_partition
 
@@ -370,3 +370,54 @@ def test_a_run_partitions_with_the_configs_minimums_and_balance(tiny_splits, fie
     _, frames, _ = client_partition(Config(num_clients=2, partition="dirichlet", balanced_sizes=True,
                                            min_client_patients=2, min_client_images=4), tiny_splits)
     assert [f["patient_id"].nunique() >= 2 and len(f) >= 4 for f in frames] == [True, True]
+
+
+# ----------------------------------------------------------------------------- site tests
+
+def _mix(frame: pd.DataFrame) -> np.ndarray:
+    counts = client_finding_table([frame]).loc[0, [*LABELS, NO_FINDING]].to_numpy(float)
+    return counts / counts.sum()
+
+
+@pytest.mark.parametrize("scheme, kw", [("iid", {}), ("dirichlet", {"alpha": 0.1}), ("column", {}),
+                                        ("quantity", {"alpha": 0.5})])
+def test_site_tests_are_whole_patients_of_their_own_site(scheme, kw):
+    train = make_train(2000)
+    parts = partition(train, 4, scheme=scheme, seed=0, **kw)
+    kept, tests = hold_out_site_tests(parts, 0.2, seed=0)
+    everyone = [*patient_sets(kept), *patient_sets(tests)]
+    assert sum(len(s) for s in everyone) == len(set().union(*everyone)) == train["patient_id"].nunique()
+    for k, (part, own, test) in enumerate(zip(parts, kept, tests)):
+        assert set(own["image"]) | set(test["image"]) == set(part["image"]) and not set(own["image"]) & set(test["image"])
+        n = part["patient_id"].nunique()
+        assert abs(test["patient_id"].nunique() - 0.2 * n) <= 1, k   # systematic sampling: round(f n) or one off
+    assert [len(t) for t in hold_out_site_tests(parts, 0.2, seed=0)[1]] == [len(t) for t in tests]   # seeded
+    assert [set(t["image"]) for t in hold_out_site_tests(parts, 0.2, seed=1)[1]] != [set(t["image"]) for t in tests]
+
+
+def test_under_label_skew_each_site_test_mirrors_its_own_site():
+    """Dirichlet alpha 0.1: every site's test mix is closer to its own training mix than to any other
+    site's, and close in absolute terms (total variation)."""
+    train = make_train(3000)
+    parts = partition(train, 5, scheme="dirichlet", alpha=0.1, seed=0, min_client_patients=100)
+    kept, tests = hold_out_site_tests(parts, 0.2, seed=0)
+    tv = np.array([[0.5 * np.abs(_mix(t) - _mix(own)).sum() for own in kept] for t in tests])
+    assert label_skew(kept) > 0.3                                   # the sites really differ
+    for k in range(5):
+        others = np.delete(tv[k], k)
+        assert tv[k, k] < 0.15 and tv[k, k] < 0.5 * others.min(), (k, tv.round(3))
+
+
+def test_a_site_always_keeps_a_training_patient_and_says_when_it_has_no_test(caplog):
+    train = make_train(40)
+    first = train["patient_id"].iloc[0]
+    one, rest = train[train["patient_id"] == first], train[train["patient_id"] != first]
+    with caplog.at_level(logging.WARNING, logger="fedxray.partition"):
+        kept, tests = hold_out_site_tests([rest, one], 0.99, seed=0)
+    assert kept[0]["patient_id"].nunique() == 1 and kept[1].equals(one.reset_index(drop=True)) and len(tests[1]) == 0
+    assert "client 0 holds 39 patient(s)" in caplog.text and "one is kept for training" in caplog.text
+    assert "client 1 holds 1 patient(s): too few for a site test" in caplog.text
+    with pytest.raises(ValueError, match="site_test_fraction must be a number in"):
+        hold_out_site_tests([train], 1.0, seed=0)
+    kept, tests = hold_out_site_tests([train], 0.0, seed=0)
+    assert kept[0].equals(train) and len(tests[0]) == 0

@@ -302,7 +302,7 @@ def test_the_client_clips_what_it_sends_under_client_level_dp():
     (dict(dp="client", dp_noise_multiplier=1.0, dp_clip_norm=0.0), "dp_clip_norm must be > 0"),
     (dict(dp="client", dp_noise_multiplier=1.0, dp_delta=1.0), "dp_delta"),
     (dict(dp="client", dp_noise_multiplier=1.0, pos_weight=True), "pos_weight=True with dp"),
-    (dict(dp="example", dp_noise_multiplier=1.0, bn_policy="local"), "bn_policy='local' with dp"),
+    (dict(dp="example", dp_noise_multiplier=1.0, local_keys="bn"), "local_keys='bn' with dp"),
     (dict(dp="client", dp_noise_multiplier=1.0, strategy="median"), "not a sum of updates"),
     (dict(dp="client", dp_noise_multiplier=1.0, strategy="scaffold", optimizer="sgd", momentum=0.0),
      "control variates"),

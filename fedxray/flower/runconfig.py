@@ -86,9 +86,12 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> Config:
 def check_supported(config: Config) -> None:
     """Refuse the settings the Flower app does not honour, rather than ignoring them."""
     problems = []
-    if config.bn_policy != "average":
-        problems.append(f"bn_policy={config.bn_policy!r} (FedBN): the server evaluates one global model "
-                        f"and never sees the hospitals' BatchNorm statistics; use 'average'")
+    if config.local_keys:
+        problems.append(f"local-keys={config.local_keys!r} (personalization): the server evaluates one global "
+                        f"model and never sees what the hospitals keep; leave local-keys \"\"")
+    if config.site_test_fraction:
+        problems.append(f"site-test-fraction={config.site_test_fraction}: each hospital's own test set is scored "
+                        f"in process only; leave it 0")
     if config.max_images is not None:
         problems.append(f"max_images={config.max_images}: the folders define the data; cap the splits "
                         f"(fedxray.federated.cap_splits) before writing them and leave max-images \"\"")
