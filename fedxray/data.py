@@ -23,6 +23,7 @@ CSV_GLOB = "Data_Entry_2017*.csv"
 CSV_NAMES = ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv")
 TRAIN_VAL_LIST = "train_val_list.txt"
 TEST_LIST = "test_list.txt"
+BOX_FILE = "BBox_List_2017.csv"        # NIH's boxes around 984 findings on test images (read_boxes)
 KAGGLE_INPUT = Path("/kaggle/input")
 
 # ImageNet statistics, what torchvision's pretrained ResNet weights expect.
@@ -160,7 +161,8 @@ def read_boxes(csv_path: str | os.PathLike) -> pd.DataFrame:
     the demo's own box file uses its image size). Accepts the Kaggle header
     ``Image Index,Finding Label,Bbox [x,y,w,h],,,`` and rows with or without trailing empty
     fields. A finding that is not one of LABELS, a missing or non-numeric coordinate, a negative
-    corner or a box without area is refused, naming the file, line and value."""
+    corner or a box without area is refused, naming the file, line and value. A file with a header
+    and no box (a small demo's) gives an empty table, with a warning."""
     import csv
     path = Path(csv_path)
     if not path.is_file():
@@ -195,9 +197,10 @@ def read_boxes(csv_path: str | os.PathLike) -> pd.DataFrame:
                 raise DataError(f"{path}, line {line}: the box x={x}, y={y}, w={w}, h={h} needs a corner >= 0 and a "
                                 f"width and height > 0")
             rows.append((image, finding, x, y, w, h))
-    if not rows:
-        raise DataError(f"{path} has a header but no boxes")
-    return pd.DataFrame(rows, columns=["image", "finding", "x", "y", "w", "h"])
+    if not rows:   # a small synthetic demo may have no boxed finding on its test images
+        log.warning("%s has a header but no boxes", path)
+    return pd.DataFrame(rows, columns=["image", "finding", "x", "y", "w", "h"]).astype(
+        {"image": object, "finding": object, "x": float, "y": float, "w": float, "h": float})
 
 
 def parse_finding_labels(labels: Iterable[str], source: str = "metadata") -> np.ndarray:
@@ -276,6 +279,23 @@ def find_csv(data_dir: str | os.PathLike | None = None,
     raise FileNotFoundError(
         f"{CSV_NAMES[0]} not found under {root}: attach the NIH Chest X-rays dataset on Kaggle, "
         f"or set data_dir (None runs the synthetic demo data in the notebook)")
+
+
+def find_boxes(data_dir: str | os.PathLike | None = None, search_root: str | os.PathLike = KAGGLE_INPUT,
+               max_depth: int = 4) -> Path | None:
+    """NIH's box file (or the demo's): BBox_List_2017.csv beside the metadata CSV that find_csv
+    finds, else the first one under search_root when data_dir is None; None when there is none."""
+    try:
+        beside = find_csv(data_dir, search_root, max_depth).parent / BOX_FILE
+    except FileNotFoundError:
+        beside = None
+    if beside is not None and beside.is_file():
+        return beside
+    if data_dir is None and Path(search_root).is_dir():
+        found = _find_files(Path(search_root), BOX_FILE, max_depth)
+        if found:
+            return found[0]
+    return None
 
 
 def _find_files(root: Path, pattern: str, max_depth: int) -> list[Path]:

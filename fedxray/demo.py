@@ -28,16 +28,18 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .data import LABELS, NO_FINDING, TEST_LIST, TRAIN_VAL_LIST, DataError, parse_finding_labels
+from .data import BOX_FILE, LABELS, NO_FINDING, TEST_LIST, TRAIN_VAL_LIST, DataError, parse_finding_labels
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "demo_manifest.json"
 README_NAME = "README.txt"
 CSV_NAME = "Data_Entry_2017.csv"
+BOX_NAME = BOX_FILE
 STATS_FILE = "nih_label_stats.csv"
-# Bump when the drawing or sampling changes, so that an old dataset on disk is regenerated.
-GENERATOR_VERSION = 2
+# Bump when the drawing, the sampling or the files written change, so that an old dataset on disk is
+# regenerated (3: BBox_List_2017.csv added; images and Data_Entry_2017.csv as in 2).
+GENERATOR_VERSION = 3
 IMAGES_PER_FOLDER = 500   # NIH has ~10,000 per images_0NN folder; smaller here so there are >= 2
 MAX_BOOST = 40.0          # largest upweighting of any finding combination (Hernia's, by default)
 CSV_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
@@ -47,8 +49,8 @@ CSV_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Pat
 _ORIGINAL_GEOMETRY = ((2500, 2048, "0.168", 29986), (2992, 2991, "0.143", 21961),
                       (3056, 2544, "0.139", 15340), (2500, 2048, "0.171", 7141),
                       (2048, 2500, "0.168", 5817), (2021, 2021, "0.194311", 4264))
-_OWN_ENTRY = re.compile(r"^(images_\d{3}|%s|%s|%s|%s|%s)$" % tuple(
-    map(re.escape, (MANIFEST_NAME, README_NAME, CSV_NAME, TRAIN_VAL_LIST, TEST_LIST))))
+_OWN_ENTRY = re.compile(r"^(images_\d{3}|%s|%s|%s|%s|%s|%s)$" % tuple(
+    map(re.escape, (MANIFEST_NAME, README_NAME, CSV_NAME, TRAIN_VAL_LIST, TEST_LIST, BOX_NAME))))
 
 README_TEXT = """SYNTHETIC DEMO DATA - NOT NIH ChestX-ray14, NOT MEDICAL IMAGES
 ==============================================================
@@ -67,8 +69,10 @@ boosted; a patient's follow-ups share the patient's background and findings (one
 resolve). Label noise, as in NIH's text-mined labels: each drawn finding is left out of
 Data_Entry_2017.csv with probability missed_labels (3% by default), and each image gets a finding
 that is not drawn with probability spurious_labels per finding (0.1%); the CSV's labels are the
-ones models are trained and scored on. A model's score on these images says nothing about real
-X-rays.
+ones models are trained and scored on. BBox_List_2017.csv, in NIH's format, boxes where each of
+NIH's eight boxed findings was drawn on the test images (pixels of these images, one box per
+connected part of a finding; what was drawn, whatever the CSV says). A model's score on these images
+says nothing about real X-rays.
 
 Delete this folder at will; make_demo_dataset writes it again.
 """
@@ -447,6 +451,43 @@ assert set(_PAINTERS) | set(_ANATOMY_FINDINGS) == set(LABELS)
 _HEART_V = 0.12   # height of the heart's centre, below the chest centre
 
 
+# --------------------------------------------------------------------------- where each finding is
+#
+# The demo writes a box file like NIH's BBox_List_2017.csv for its test images, so that where a model
+# looks can be scored on it too. A painter's signature is where it changed the drawn density by a
+# visible amount; Cardiomegaly's is the enlarged heart. Each connected part of a signature gets a box
+# (two for a bilateral effusion, one per nodule), where NIH's readers drew one box per finding.
+
+# The eight findings NIH boxes; the demo boxes the same ones.
+BOX_FINDINGS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+                "Pneumothorax")
+BOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"   # NIH's, trailing empty columns included
+BOX_SPELLING = {"Infiltration": "Infiltrate"}   # as NIH writes it in its box file
+SIGNATURE_DENSITY = 0.02   # a change of drawn density that counts: ~5 of 255 gray levels (noise: 3)
+MIN_BOX_PIXELS = 4         # a part of a signature smaller than this is not boxed (a tail, not a shape)
+
+
+def _signature(added: np.ndarray) -> np.ndarray:
+    """Where a painter's added density (the change it made to _Canvas.add) is visible."""
+    return np.abs(added) >= SIGNATURE_DENSITY
+
+
+def _boxes(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """(x, y, w, h) in pixels (x, y the top-left corner) around each connected part of a signature
+    mask. Parts less than size/32 pixels apart are one part (so a texture's gaps do not split it);
+    the box bounds the part's own pixels."""
+    from scipy import ndimage
+    gap = max(1, round(mask.shape[0] / 32))
+    parts, _ = ndimage.label(ndimage.binary_dilation(mask, iterations=gap))
+    boxes = []
+    for k, where in enumerate(ndimage.find_objects(parts), start=1):
+        rows, cols = np.nonzero(mask[where] & (parts[where] == k))
+        if len(rows) >= MIN_BOX_PIXELS:
+            y0, x0 = where[0].start + rows.min(), where[1].start + cols.min()
+            boxes.append((int(x0), int(y0), int(cols.max() - cols.min() + 1), int(rows.max() - rows.min() + 1)))
+    return boxes
+
+
 def _stream(seed: int, *key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
 
@@ -466,6 +507,13 @@ def _bullae(c: _Canvas, rf, ri) -> None:
 def _render_image(labels: np.ndarray, view: str, anatomy: _Anatomy, seed: int, patient: int,
                  follow_up: int, size: int) -> np.ndarray:
     """Draw one uint8 [size, size] image of a patient with the given findings (LABELS order)."""
+    return _draw(labels, view, anatomy, seed, patient, follow_up, size)[0]
+
+
+def _draw(labels: np.ndarray, view: str, anatomy: _Anatomy, seed: int, patient: int,
+          follow_up: int, size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """_render_image's image, and for each BOX_FINDINGS finding drawn a bool [size, size] mask of
+    where its signature is (see :func:`_signature`). Recording the masks draws no random number."""
     ri = _stream(seed, 3, patient, follow_up)
     a = anatomy
     has = dict(zip(LABELS, np.asarray(labels).astype(bool)))
@@ -515,9 +563,13 @@ def _render_image(labels: np.ndarray, view: str, anatomy: _Anatomy, seed: int, p
     lungs = c.lungs()
     c.add = np.zeros_like(u)
     c.texture = np.ones_like(u)
+    signatures = {"Cardiomegaly": heart >= 0.5} if has["Cardiomegaly"] else {}
     for name in LABELS:
         if has[name] and name in _PAINTERS:
+            before = c.add.copy() if name in BOX_FINDINGS else None
             _PAINTERS[name](c, _stream(seed, 4, patient, LABELS.index(name)), ri)
+            if before is not None:
+                signatures[name] = _signature(c.add - before)
     if has["Emphysema"]:
         _bullae(c, _stream(seed, 4, patient, LABELS.index("Emphysema")), ri)
 
@@ -541,7 +593,7 @@ def _render_image(labels: np.ndarray, view: str, anatomy: _Anatomy, seed: int, p
     contrast = a.contrast * (0.93 if ap else 1.0) * ri.uniform(0.96, 1.04)
     gray = np.clip(0.1 + film + ri.normal(0, 0.01) + contrast * dens, 0, 1) ** a.gamma
     gray = gray + ri.normal(0, 0.012, size=gray.shape).astype(np.float32)   # quantum noise
-    return np.clip(np.rint(gray * 255), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(gray * 255), 0, 255).astype(np.uint8), signatures
 
 
 def finding_examples(image_size: int = 128, seed: int = 0, view: str = "PA") -> dict[str, np.ndarray]:
@@ -656,6 +708,7 @@ def _generate(root: Path, params: dict, version: str, progress: bool) -> dict:
     n_folders = max(2, math.ceil(n / IMAGES_PER_FOLDER))
     per_folder = math.ceil(n / n_folders)
     anatomy, anatomy_of = None, None
+    box_lines = [BOX_HEADER]
     bar = progress_bar(total=n, desc="synthetic demo images", unit="img", enabled=progress, leave=False)
     try:
         for i, row in enumerate(meta.itertuples(index=False)):
@@ -664,9 +717,13 @@ def _generate(root: Path, params: dict, version: str, progress: bool) -> dict:
                 folder.mkdir(parents=True)
             if anatomy_of != row.patient_id:   # rows come patient by patient
                 anatomy, anatomy_of = _Anatomy.draw(_stream(seed, 2, row.patient_id, 0)), row.patient_id
-            img = _render_image(combos[row.combo], row.view, anatomy, seed, row.patient_id,
-                               row.follow_up, size)
+            img, signatures = _draw(combos[row.combo], row.view, anatomy, seed, row.patient_id,
+                                    row.follow_up, size)
             _write_png(folder / row.image, img)
+            if row.test:   # like NIH's, boxes on test images only; what was drawn, not what the CSV says
+                box_lines += [f"{row.image},{BOX_SPELLING.get(name, name)},{x},{y},{w},{h}"
+                              for name in BOX_FINDINGS if name in signatures
+                              for x, y, w, h in _boxes(signatures[name])]
             bar.update()
     finally:
         bar.close()
@@ -678,6 +735,7 @@ def _generate(root: Path, params: dict, version: str, progress: bool) -> dict:
     # Like NIH's lists: one name per line, no newline after the last.
     (root / TRAIN_VAL_LIST).write_bytes("\n".join(meta["image"][~meta["test"]]).encode("ascii"))
     (root / TEST_LIST).write_bytes("\n".join(meta["image"][meta["test"]]).encode("ascii"))
+    (root / BOX_NAME).write_bytes(("\n".join(box_lines) + "\n").encode("ascii"))
     described = ", ".join(f"{k}={v}" for k, v in params.items())
     (root / README_NAME).write_bytes(README_TEXT.format(
         version=version, generator=GENERATOR_VERSION, params=described).encode("ascii"))
@@ -699,6 +757,8 @@ def _generate(root: Path, params: dict, version: str, progress: bool) -> dict:
         "test_positives": dict(zip(LABELS, written[meta["test"].to_numpy()].sum(0).astype(int).tolist())),
         "drawn_positives": dict(zip(LABELS, drawn.sum(0).astype(int).tolist())),
         "label_noise": {"missed": int((drawn & ~written).sum()), "spurious": int((written & ~drawn).sum())},
+        "test_boxes": {name: sum(line.split(",")[1] == BOX_SPELLING.get(name, name) for line in box_lines[1:])
+                       for name in BOX_FINDINGS},
         "label_source": f"{STATS_FILE}: NIH finding-combination counts; findings rarer than "
                         f"min_prevalence boosted up to x{MAX_BOOST:g}",
         "files": _file_digests(root),
@@ -789,6 +849,11 @@ def make_demo_dataset(out_dir: str | os.PathLike, seed: int = 0, *,
     spurious_labels per finding and image (0.1%: ~1.4% of images get one); the manifest counts
     both ("label_noise"). Views: P(AP | combination) as in NIH (~40% AP overall).
 
+    Boxes: BBox_List_2017.csv, in the format of NIH's (fedxray.read_boxes reads both), boxes on the
+    test images where each of NIH's eight boxed findings (BOX_FINDINGS) was drawn, in the images'
+    own pixels: one box per connected part of the finding's signature, so a bilateral effusion or
+    scattered nodules get several (NIH has one per image and finding). ~2,200 boxes by default.
+
     The same arguments give byte-identical files. If out_dir already holds a complete dataset
     made with the same arguments and fedxray version, it is returned untouched. The data is
     written to a temporary sibling folder and renamed into place when complete, so an
@@ -841,7 +906,8 @@ def _move_into_place(tmp: Path, out: Path, params: dict, version: str) -> None:
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
     os.rename(out, old / "data")
     os.rename(tmp, out)
-    log.warning("replaced the synthetic demo data at %s (made with other parameters)", out)
+    log.warning("replaced the synthetic demo data at %s (made with other parameters or by an older "
+                "generator)", out)
     shutil.rmtree(old, ignore_errors=True)
 
 

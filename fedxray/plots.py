@@ -342,3 +342,63 @@ def plot_privacy_utility(table: pd.DataFrame, reference: Mapping[str, float] = {
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return fig
+
+
+def plot_gradcam_grid(images, heatmaps, titles, boxes=None, ncols: int = 3,
+                      title: str = "Where the model looks (Grad-CAM of layer4)", alpha: float = 0.45):
+    """Grad-CAM heatmaps (fedxray.explain.gradcam) over their grayscale images, one panel each, ncols
+    per row: a white cross where each map points (its maximum, fedxray.explain.peaks) and, where
+    boxes gives some for the panel ([k, 4] x, y, w, h in the images' pixels), the boxes in green.
+    images: uint8 [n, H, W]; heatmaps: [n, H, W] in [0, 1]; titles: one per panel."""
+    from matplotlib.patches import Rectangle
+    from .explain import peaks
+    plt = _plt()
+    images, heatmaps = np.asarray(images), np.asarray(heatmaps)
+    n = len(images)
+    if n == 0 or heatmaps.shape != images.shape or len(titles) != n or (boxes is not None and len(boxes) != n):
+        raise ValueError(f"plot_gradcam_grid needs n >= 1 images [n, H, W] with heatmaps of the same shape and one "
+                         f"title (and box list) each, got images {images.shape}, heatmaps {heatmaps.shape}, "
+                         f"{len(titles)} titles" + ("" if boxes is None else f", {len(boxes)} box lists"))
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.8 * nrows), squeeze=False)
+    where = peaks(heatmaps)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
+        ax.imshow(heatmaps[i], cmap="jet", alpha=alpha, vmin=0, vmax=1)
+        for x, y, w, h in (np.asarray(boxes[i], float).reshape(-1, 4) if boxes is not None else ()):
+            # imshow puts pixel c's centre at c: a box edge at pixel coordinate x is drawn at x - 0.5.
+            ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, edgecolor="lime", lw=1.5))
+        if np.isfinite(where[i]).all():
+            ax.plot(where[i][0] - 0.5, where[i][1] - 0.5, marker="+", color="white", ms=10, mew=2)
+        ax.set_title(titles[i], fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_eval_matrix(matrix: pd.DataFrame, title: str = "Mean AUROC, every model on every site's test"):
+    """The cross-site matrix (fedxray.crosssite.eval_matrix: models x site tests + pooled) as an
+    annotated heatmap; an empty cell (no model to score there) is drawn blank and marked "-"."""
+    plt = _plt()
+    if matrix.empty:
+        raise ValueError("plot_eval_matrix: the matrix is empty")
+    values = matrix.to_numpy(dtype=float)
+    fig, ax = plt.subplots(figsize=(1.1 * matrix.shape[1] + 3.2, 0.45 * matrix.shape[0] + 1.6))
+    finite = values[np.isfinite(values)]
+    lo, hi = (finite.min(), finite.max()) if len(finite) else (0.5, 1.0)
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=lo, vmax=max(hi, lo + 1e-3), aspect="auto")
+    middle = (lo + hi) / 2
+    for (i, j), v in np.ndenumerate(values):
+        ax.text(j, i, "-" if not np.isfinite(v) else f"{v:.3f}", ha="center", va="center", fontsize=8,
+                color="black" if np.isfinite(v) and v > middle else "white" if np.isfinite(v) else "grey")
+    ax.set_xticks(range(matrix.shape[1]), matrix.columns)
+    ax.set_yticks(range(matrix.shape[0]), matrix.index)
+    ax.set_xlabel("test set")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, label="mean AUROC", shrink=0.8)
+    fig.tight_layout()
+    return fig

@@ -288,3 +288,31 @@ def test_single_pixel_auroc_is_the_best_pixels_auroc_by_scikit_learn(tmp_path):
             assert best[name] == pytest.approx(max(max(aucs), 1 - min(aucs)), abs=1e-12), name
         else:
             assert np.isnan(best[name])
+
+
+def test_the_box_file_is_in_the_manifest_and_counted(small):
+    manifest = json.loads((small / demo.MANIFEST_NAME).read_text())
+    assert demo.BOX_NAME in manifest["files"]
+    boxes = fedxray.read_boxes(small / demo.BOX_NAME)
+    counted = boxes["finding"].value_counts()
+    assert manifest["test_boxes"] == {name: int(counted.get(name, 0)) for name in demo.BOX_FINDINGS}
+
+
+def test_a_demo_from_before_the_box_file_is_made_again(tmp_path, caplog):
+    out = fedxray.make_demo_dataset(tmp_path / "d", num_patients=5, image_size=48, progress=False)
+    path = out / demo.MANIFEST_NAME
+    written = (out / demo.BOX_NAME).read_bytes()
+    # As generator 2 left it: no box file, and a manifest that does not know one.
+    (out / demo.BOX_NAME).unlink()
+    old = json.loads(path.read_text())
+    old["generator_version"] = 2
+    del old["files"][demo.BOX_NAME]
+    path.write_text(json.dumps(old))
+    fedxray.make_demo_dataset(out, num_patients=5, image_size=48, progress=False)
+    assert (out / demo.BOX_NAME).read_bytes() == written
+    assert json.loads(path.read_text())["generator_version"] == demo.GENERATOR_VERSION
+    assert "older generator" in caplog.text
+    # The box file removed from a current dataset: its manifest says so, and it is made again.
+    (out / demo.BOX_NAME).unlink()
+    fedxray.make_demo_dataset(out, num_patients=5, image_size=48, progress=False)
+    assert (out / demo.BOX_NAME).read_bytes() == written

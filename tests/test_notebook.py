@@ -15,7 +15,7 @@ NOTEBOOK = ROOT / "notebooks" / "federated_chestxray.ipynb"
 # recipe that gets worse.
 FEDAVG_FLOOR = 0.77
 FIGURES = ("prevalence", "partition_heatmap", "loss_curves", "mean_auroc", "auroc_per_finding", "reliability",
-           "strategies_val_auroc", "strategies_test_auroc")
+           "strategies_val_auroc", "strategies_test_auroc", "eval_matrix", "gradcam")
 
 
 def _parameters_cell() -> str:
@@ -111,6 +111,17 @@ def test_notebook_runs_tweaked_and_again_on_demo_data(tmp_path):
         scored = ci[(method, "estimate")].notna()                       # (a tiny test set lacks some findings)
         assert scored["mean"] and (ci[(method, "lower")][scored] <= ci[(method, "estimate")][scored] + 1e-12).all()
     assert (run / "paired_difference.csv").stat().st_size > 0 and "fedavg minus centralized" in first
+    # Per hospital: every model of the run on every site's own test and the pooled one.
+    matrix = pd.read_csv(run / "eval_matrix.csv", index_col=0)
+    assert list(matrix.columns) == ["site 0", "site 1", "pooled"]
+    assert list(matrix.index) == ["fedavg", "centralized", "fedprox", "fedavg + fine-tuning", "fedper", "fedbn",
+                                  "local-only 0", "local-only 1"]
+    assert matrix.loc["fedavg", "pooled"] == pytest.approx(auroc.loc["mean", "fedavg"], abs=1e-9)
+    assert "Skipped: on the synthetic demo" in first                   # no published NIH numbers beside demo scores
+    # Where the model looks: the demo's own boxes scored (pointing game and IoU, each beside the centre's).
+    where = pd.read_csv(run / "localisation.csv", index_col=0)
+    assert where.loc["all", "images"] >= 1 and "all" == where.index[-1]
+    assert where[["pointing", "pointing (centre)", "IoU", "IoU (centre)"]].apply(lambda c: c.between(0, 1)).all().all()
     for fig in FIGURES:
         for ext in ("png", "pdf"):
             assert (run / "figures" / f"{fig}.{ext}").stat().st_size > 1000, f"{fig}.{ext}"
@@ -118,7 +129,7 @@ def test_notebook_runs_tweaked_and_again_on_demo_data(tmp_path):
     assert "synthetic demo data" in first
     shown = _as_displayed(first)        # what Jupyter or nbconvert shows of the exported notebook
     bars = [line for line in shown if re.search(r"\| \d+/\d+ \[", line)]   # tqdm's "| n/total [time"
-    assert len(bars) == 1 + 1 + 2 + 1 and all("100%|" in b and "val AUROC" in b for b in bars), bars
+    assert len(bars) == 1 + 1 + 2 + 1 + 2 + 1 + 1 and all("100%|" in b and "val AUROC" in b for b in bars), bars
     assert not [line for line in shown if "0%|" in line and "100%|" not in line]
     saved = json.loads((run / "compare" / "fedprox" / "config.json").read_text())
     assert (saved["strategy"], saved["proximal_mu"], saved["eta"]) == ("fedprox", 0.1, None)
@@ -126,7 +137,7 @@ def test_notebook_runs_tweaked_and_again_on_demo_data(tmp_path):
 
     # The privacy section: off above, on here (client-level DP; a DP run prints its epsilon).
     text = _execute(tmp_path, "second", output_dir=str(root), lr=0.01, run_baselines=False, compare=[],
-                    privacy_sweep=[0.01])
+                    privacy_sweep=[0.01], personalize=[], seeds=[0, 1])
     second = [m.parent for m in root.glob("*/run.json") if m.parent != run]
     assert len(second) == 1 and "_lr=0.01_" in second[0].name
     assert (second[0] / "fedavg" / "final_model.pt").exists()
@@ -136,6 +147,9 @@ def test_notebook_runs_tweaked_and_again_on_demo_data(tmp_path):
     assert sweep.loc["no noise", "epsilon"] == float("inf") and 1e3 < sweep.loc["z=0.01", "epsilon"] < float("inf")
     assert (second[0] / "figures" / "privacy_utility.png").stat().st_size > 1000
     assert "epsilon" in text
+    spread = pd.read_csv(second[0] / "seeds_summary.csv", index_col=0)   # seed 0 read back, seed 1 trained
+    assert spread.loc["fedavg", "seeds"] == 2 and (second[0] / "seeds" / "seed_1" / "fedavg" / "final_model.pt").exists()
+    assert not (second[0] / "seeds" / "seed_0").exists()
     table = pd.read_csv(root / "runs.csv")
     assert len(table) == 2 and sorted(table["param lr"]) == [0.001, 0.01]
     assert table["complete"].all() and table["fedavg test"].notna().all()

@@ -213,3 +213,16 @@ def test_local_only_table_reports_each_client_the_worst_and_a_size_weighted_mean
     assert table.loc["size-weighted mean", "test mean AUROC"] == pytest.approx((10 * .55 + 30 * .65 + 60 * .85) / 100)
     assert table.loc["worst (client 0)", "test mean AUROC"] == pytest.approx(0.55)
     assert table.loc["size-weighted mean", "images"] == 100
+
+
+def test_eval_matrix_heatmap_writes_every_cell_and_marks_the_empty_one(tmp_path):
+    from fedxray.plots import plot_eval_matrix
+    matrix = pd.DataFrame({"site 0": [0.71, 0.66], "site 1": [0.74, 0.69], "pooled": [0.72, np.nan]},
+                          index=["fedavg", "fedavg + fine-tuning"])
+    fig = plot_eval_matrix(matrix)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts == ["0.710", "0.740", "0.720", "0.660", "0.690", "-"]
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["fedavg", "fedavg + fine-tuning"]
+    assert all(p.stat().st_size > 1000 for p in plots.save_figure(fig, tmp_path, "m"))
+    with pytest.raises(ValueError, match="empty"):
+        plot_eval_matrix(pd.DataFrame())
