@@ -165,7 +165,8 @@ def test_notebook_runs_tweaked_and_again_on_demo_data(tmp_path):
 @pytest.mark.slow
 def test_the_demo_tells_methods_apart(tmp_path):
     """The README's demo targets, with the notebook's defaults from random weights (no internet, no
-    ImageNet weights), every method at its best-validation round, synthetic data: a linear model on
+    ImageNet weights; each site's own test patients held out, site_test_fraction 0.2), every method
+    at its best-validation round, synthetic data: a linear model on
     raw pixels stays at 0.70 or below; FedAvg reaches FEDAVG_FLOOR and 0.10 above the probe;
     centralized is at least as good; under dirichlet alpha 0.1 the local-only mean over the 5
     clients is at least 0.05 below that partition's FedAvg."""
@@ -187,6 +188,7 @@ def test_the_demo_tells_methods_apart(tmp_path):
         config = Config.for_dataset("demo", weights=None, progress=False, cache_dir=str(tmp_path / "cache"),
                                     partition=partition, alpha=alpha)
         assert config.num_rounds == 10 and config.image_size == 64 and config.feature_cache
+        assert config.site_test_fraction == 0.2
         parts = prepare(config, splits)
         out = tmp_path / partition
         scores[partition, "fedavg"] = score(fedxray.run_federated(config, splits, out / "fedavg", parts=parts).history)
