@@ -801,7 +801,7 @@ def test_a_killed_supernode_is_dropped_and_the_run_completes(folders, tmp_path, 
     config = Config(**TINY)
     out = tmp_path / "flower_run"
     overrides = write_run_config(tmp_path / "run_config.toml", config, out, folders["val"], folders["test"],
-                                 FaultPolicy(min_replies=1, round_timeout=45.0))
+                                 FaultPolicy(min_replies=1, round_timeout=90.0))
     try:
         federation = Federation(processes, tmp_path, folders["sites"], until)
         run = federation.run(overrides)

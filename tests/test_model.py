@@ -20,7 +20,7 @@ def test_exchanged_and_frozen_parts():
     assert set(keys) == {k for k in m.state_dict() if k.startswith(("layer4.", "fc."))}
     # layer4's downsample BN is found by type although its name has no "bn"
     assert "layer4.0.downsample.1.running_mean" in bn_keys(m)
-    assert not set(exchanged_keys(m, "local")) & set(bn_keys(m))
+    assert not set(exchanged_keys(m, "bn")) & set(bn_keys(m))
     for name, p in m.named_parameters():
         assert p.requires_grad == name.startswith(EXCHANGED_PREFIXES), name
     ref = torchvision.models.resnet34(weights=None)

@@ -51,7 +51,7 @@ MAX_UPDATE_FACTOR = 1e6
 # forged weight, and it keeps the example sum exact in float64.
 MAX_EXAMPLES = 2**31 - 1
 _DIGEST = re.compile(r"[0-9a-f]{64}")
-_SAME_VERSION = "run the same fedxray version (and bn-policy) on the server and every site"
+_SAME_VERSION = "run the same fedxray version on the server and every site"
 
 
 class MessageError(ValueError):
