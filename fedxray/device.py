@@ -90,17 +90,21 @@ class DivergenceError(FloatingPointError):
 def predict(model: nn.Module, dataset, batch_size: int, device: torch.device,
             amp_dtype: Optional[torch.dtype] = None) -> tuple[np.ndarray, np.ndarray]:
     """Sigmoid probabilities and labels over a dataset (images, cached images or cached features),
-    in its order. Non-finite predictions raise DivergenceError."""
+    in its order, in eval mode; the model is given back in the mode it came in. Non-finite
+    predictions raise DivergenceError."""
+    was_training = model.training
     model.eval()
     forward = forward_of(model, dataset)
     probs, labels = [], []
-    for x, y in batches(dataset, batch_size, device):
-        x = to_input(x, device, amp_dtype)
-        with autocast(device, amp_dtype):
-            logits = forward(x)
-        probs.append(torch.sigmoid(logits.float()).cpu())
-        labels.append(y.cpu())
-    model.train()
+    try:
+        for x, y in batches(dataset, batch_size, device):
+            x = to_input(x, device, amp_dtype)
+            with autocast(device, amp_dtype):
+                logits = forward(x)
+            probs.append(torch.sigmoid(logits.float()).cpu())
+            labels.append(y.cpu())
+    finally:
+        model.train(was_training)
     if not probs:
         return np.zeros((0, len(LABELS)), np.float32), np.zeros((0, len(LABELS)), np.float32)
     probs = torch.cat(probs).numpy()
