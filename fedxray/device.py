@@ -86,25 +86,32 @@ class DivergenceError(FloatingPointError):
     aggregating and keeps its last good checkpoint."""
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """The model in eval mode inside the block, given back in the mode it came in (also on an error)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, dataset, batch_size: int, device: torch.device,
             amp_dtype: Optional[torch.dtype] = None) -> tuple[np.ndarray, np.ndarray]:
     """Sigmoid probabilities and labels over a dataset (images, cached images or cached features),
     in its order, in eval mode; the model is given back in the mode it came in. Non-finite
     predictions raise DivergenceError."""
-    was_training = model.training
-    model.eval()
     forward = forward_of(model, dataset)
     probs, labels = [], []
-    try:
+    with eval_mode(model):
         for x, y in batches(dataset, batch_size, device):
             x = to_input(x, device, amp_dtype)
             with autocast(device, amp_dtype):
                 logits = forward(x)
             probs.append(torch.sigmoid(logits.float()).cpu())
             labels.append(y.cpu())
-    finally:
-        model.train(was_training)
     if not probs:
         return np.zeros((0, len(LABELS)), np.float32), np.zeros((0, len(LABELS)), np.float32)
     probs = torch.cat(probs).numpy()

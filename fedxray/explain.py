@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .data import LABELS, load_gray
+from .device import eval_mode
 
 THRESHOLD = 0.5   # heatmap_iou's region: pixels at >= this fraction of the image's maximum
 BOX_COLUMNS = ("x", "y", "w", "h")
@@ -85,17 +86,13 @@ def gradcam(model, images, finding: str | Sequence[str], batch_size: int = 32, r
     targets = _finding_indices(finding, len(x))
     device = next(model.parameters()).device
     cam = LayerGradCam(model, model.layer4)
-    was_training = model.training
-    model.eval()
     maps = []
-    try:
+    with eval_mode(model):
         for start in range(0, len(x), batch_size):
             batch = x[start:start + batch_size].to(device)
             a = cam.attribute(batch, target=targets[start:start + batch_size])
             a = LayerAttribution.interpolate(a, tuple(batch.shape[-2:]), interpolate_mode="bilinear")
             maps.append(a[:, 0].detach().float().cpu())
-    finally:
-        model.train(was_training)
     out = torch.cat(maps).numpy()
     out = np.maximum(out, 0) if relu else out - out.min(axis=(1, 2), keepdims=True)
     span = out.max(axis=(1, 2), keepdims=True)
@@ -332,14 +329,9 @@ def gradcam_panels(model, frame: pd.DataFrame, image_size: int, boxes: pd.DataFr
         raise ValueError("frame holds no image: give the test split")
     path = dict(zip(frame["image"], frame["path"]))
     gray = np.stack([load_gray(path[name], image_size) for name in chosen])
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            device = next(model.parameters()).device
-            probs = torch.sigmoid(model(model_input(gray).to(device)).float()).cpu().numpy()
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        device = next(model.parameters()).device
+        probs = torch.sigmoid(model(model_input(gray).to(device)).float()).cpu().numpy()
     scaled = _scaled(frame, boxes[boxes["image"].isin(chosen)], image_size) if len(boxes) else boxes
     rows, findings, titles, panel_boxes = [], [], [], []
     for r, name in enumerate(chosen):

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .cache import (CACHE_VERSION, CachedImageDataset, _crc32, _crc_rows, _digest, _exclusive, _first, _rows,
                     human_bytes, require_disk_space)
-from .device import autocast, to_input
+from .device import autocast, eval_mode, to_input
 from .data import LABELS, DataError, label_matrix
 from .io import atomic_write, atomic_write_text, remove_orphan_temporaries
 from .model import trunk_digest
@@ -229,11 +229,9 @@ def _compute_features(model, images: CachedImageDataset, out: torch.Tensor | np.
     """Fill out with model.trunk over images; return the CRC-32 of each row when out is an array
     (the bytes meant for the file, checksummed before they reach it)."""
     from .progress import bar
-    was_training = model.training
-    model.eval()
     loader = DataLoader(images, batch_size=batch_size, shuffle=False, pin_memory=device.type == "cuda")
     start, crc, finite = 0, [], []
-    try:
+    with eval_mode(model):
         for x, _ in bar(loader, desc="feature cache", unit="batch", enabled=progress, leave=False):
             with autocast(device, amp_dtype):
                 f = model.trunk(to_input(x, device, amp_dtype))
@@ -247,8 +245,6 @@ def _compute_features(model, images: CachedImageDataset, out: torch.Tensor | np.
                 out[start:stop] = block
                 crc.extend(_crc32(block).tolist())
             start = stop
-    finally:
-        model.train(was_training)
     bad = np.flatnonzero(~torch.cat(finite).cpu().numpy()) if finite else np.zeros(0, np.int64)
     if len(bad):
         names = images.frame["image"].tolist()
